@@ -1,0 +1,1 @@
+"""fsmount: remote dataset libraries as a read-only FUSE filesystem."""

@@ -1,0 +1,3 @@
+from fsmount.cli import main
+
+raise SystemExit(main())
