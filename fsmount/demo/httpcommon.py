@@ -1,0 +1,410 @@
+"""HTTP plumbing shared by the fake services: request log, ranged responses, signed URLs, servers.
+
+The fakes are real HTTP servers on loopback so that clients are exercised through sockets, TLS
+and redirects exactly as in production. Everything here is service-neutral: the Grand Challenge
+and Scenario fakes both build on it, and fault injection wraps their ASGI apps from outside
+(`FaultInjector`), so the apps themselves stay faithful and simple.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import contextlib
+import functools
+import hashlib
+import hmac
+import json
+import queue
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from email.utils import formatdate, parsedate_to_datetime
+from pathlib import Path
+from typing import Self
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import ASGIApp
+
+CHUNK_SIZE = 1 << 20
+
+
+# --------------------------------------------------------------------------- request log
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the server saw it; header names are lower-case."""
+
+    kind: str
+    method: str
+    url: str  # path and query, as sent
+    headers: dict[str, str]
+    time: float
+
+
+class RequestLog:
+    """Counts requests per kind and keeps the most recent ones, for tests to assert on.
+
+    Counters are exact and never trimmed; the entry list is bounded so that a benchmark serving
+    millions of requests does not grow without limit. Thread-safe: servers record from their own
+    threads while tests read from the main one.
+    """
+
+    def __init__(self, maxlen: int = 20_000) -> None:
+        self._lock = threading.Lock()
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._entries: collections.deque[RecordedRequest] = collections.deque(maxlen=maxlen)
+
+    def record(self, kind: str, request: Request) -> None:
+        """Count `request` under `kind` and remember its method, target and headers."""
+        target = request.url.path
+        if request.url.query:
+            target += "?" + request.url.query
+        headers: dict[str, str] = {}
+        for name, value in request.headers.items():
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        entry = RecordedRequest(kind, request.method, target, headers, time.time())
+        with self._lock:
+            self._counts[kind] += 1
+            self._entries.append(entry)
+
+    def count(self, kind: str) -> int:
+        with self._lock:
+            return self._counts[kind]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def entries(self, kind: str | None = None) -> list[RecordedRequest]:
+        with self._lock:
+            return [e for e in self._entries if kind is None or e.kind == kind]
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts.clear()
+            self._entries.clear()
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def json_response(
+    payload: object, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """A DRF-style JSON response: compact, UTF-8 unescaped, `application/json` with no charset.
+
+    The missing charset matters: gcapi parses a body only when the Content-Type is exactly
+    `application/json`.
+    """
+    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    return Response(body, status_code, headers=headers, media_type="application/json")
+
+
+# --------------------------------------------------------------------------- ranged bodies
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | str | None:
+    """Return `(start, end_inclusive)`, None to ignore the header, or "unsatisfiable".
+
+    Like S3, a header that is malformed or asks for several ranges is ignored (full 200).
+    """
+    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if match is None or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.group(1), match.group(2)
+    if first == "":  # suffix range: the last N bytes
+        length = int(last)
+        if length == 0 or size == 0:
+            return "unsatisfiable"
+        return max(0, size - length), size - 1
+    start = int(first)
+    end = size - 1 if last == "" else int(last)
+    if end < start:
+        return None
+    if start >= size:
+        return "unsatisfiable"
+    return start, min(end, size - 1)
+
+
+def _if_range_holds(if_range: str, etag: str, last_modified: float) -> bool:
+    value = if_range.strip()
+    if value.startswith(('"', "W/")):
+        return value == etag  # strong comparison: a weak tag never matches
+    try:
+        return int(parsedate_to_datetime(value).timestamp()) == int(last_modified)
+    except (TypeError, ValueError):
+        return False
+
+
+def range_response(
+    request: Request,
+    *,
+    size: int,
+    read: Callable[[int, int], bytes],
+    etag: str,
+    last_modified: float,
+    content_type: str,
+) -> Response:
+    """Answer a GET or HEAD for an object as S3/CloudFront do, honouring `Range` and `If-Range`.
+
+    `read(offset, length)` is called for at most `CHUNK_SIZE` bytes at a time, so objects of
+    several GiB are streamed without ever being held whole. `etag` is the opaque tag without
+    quotes.
+    """
+    quoted = f'"{etag}"'
+    headers = {
+        "accept-ranges": "bytes",
+        "etag": quoted,
+        "last-modified": formatdate(last_modified, usegmt=True),
+        "content-type": content_type,
+    }
+    wanted = None
+    if "range" in request.headers and _if_range_holds(
+        request.headers.get("if-range", quoted), quoted, last_modified
+    ):
+        wanted = _parse_range(request.headers["range"], size)
+    if wanted == "unsatisfiable":
+        headers["content-range"] = f"bytes */{size}"
+        headers["content-type"] = "application/xml"
+        body = b"<Error><Code>InvalidRange</Code><Message>The requested range is not satisfiable</Message></Error>"  # noqa: E501
+        return Response(body, 416, headers=headers)
+    status, start, end = 200, 0, size - 1
+    if isinstance(wanted, tuple):
+        status, (start, end) = 206, wanted
+        headers["content-range"] = f"bytes {start}-{end}/{size}"
+    length = end - start + 1
+    headers["content-length"] = str(length)
+    if request.method == "HEAD" or length == 0:
+        return Response(b"", status, headers=headers)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        offset = start
+        while offset <= end:
+            take = min(CHUNK_SIZE, end + 1 - offset)
+            yield read(offset, take)
+            offset += take
+            await trio.lowlevel.checkpoint()
+
+    return StreamingResponse(chunks(), status, headers=headers)
+
+
+# --------------------------------------------------------------------------- signed URLs
+
+
+def _cf_b64(data: bytes) -> str:
+    """CloudFront's URL-safe base64 alphabet (`+=/` become `-_~`)."""
+    return base64.b64encode(data).decode().translate(str.maketrans("+=/", "-_~"))
+
+
+def _cf_unb64(text: str) -> bytes:
+    return base64.b64decode(text.translate(str.maketrans("-_~", "+=/")), validate=True)
+
+
+_SIGNATURE_PARAMS = ("Expires", "Policy", "Signature", "Key-Pair-Id")
+
+
+def _split_signature(url: str) -> tuple[str, dict[str, str]]:
+    """Split a URL into its path+query without signature parameters, and those parameters.
+
+    The scheme and host are dropped on purpose: the fakes listen on loopback ports, and a proxy
+    or a `localhost`/`127.0.0.1` spelling must not turn a valid signature into a bad one. The
+    path is unquoted because servers see it decoded while signers may be given it encoded.
+    """
+    parts = urlsplit(url)
+    kept, params = [], {}
+    for piece in parts.query.split("&") if parts.query else []:
+        name = piece.split("=", 1)[0]
+        if name in _SIGNATURE_PARAMS:
+            params[name] = dict(parse_qsl(piece, keep_blank_values=True)).get(name, "")
+        else:
+            kept.append(piece)
+    return unquote(parts.path) + ("?" + "&".join(kept) if kept else ""), params
+
+
+def _policy(resource: str, expires: int) -> bytes:
+    statement = {"Resource": resource, "Condition": {"DateLessThan": {"AWS:EpochTime": expires}}}
+    return json.dumps({"Statement": [statement]}, separators=(",", ":")).encode()
+
+
+def _resource_matches(pattern: str, target: str) -> bool:
+    regex = ".*".join(re.escape(piece) for piece in pattern.split("*"))
+    return re.fullmatch(regex, target) is not None
+
+
+class UrlSigner:
+    """Signs URLs the way CloudFront does, and checks them the way a CDN edge would.
+
+    Two styles: GC's canned policy (`Expires`, `Signature`, `Key-Pair-Id`) and Scenario's custom
+    policy (`Policy`, `Signature`, `Key-Pair-Id`, resource may end in `*` so that parameters can
+    be appended after signing). An HMAC stands in for CloudFront's RSA: tests need tampering and
+    expiry to be detected, not public-key cryptography.
+    """
+
+    def __init__(
+        self, secret: bytes, key_pair_id: str, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._secret = secret
+        self.key_pair_id = key_pair_id
+        self._clock = clock
+
+    def _sign(self, policy: bytes) -> str:
+        return _cf_b64(hmac.new(self._secret, policy, hashlib.sha256).digest())
+
+    def canned(self, url: str, expires_at: float) -> str:
+        """Return `url` with canned-policy parameters, valid until `expires_at` (epoch s)."""
+        expires = int(expires_at)
+        resource, _ = _split_signature(url)
+        signature = self._sign(_policy(resource, expires))
+        sep = "&" if urlsplit(url).query else "?"
+        return f"{url}{sep}Expires={expires}&Signature={signature}&Key-Pair-Id={self.key_pair_id}"
+
+    def custom(self, url: str, expires_at: float, *, wildcard: bool = True) -> str:
+        """Return `url` with a custom policy; `wildcard` lets callers append parameters later."""
+        policy = _policy(_split_signature(url)[0] + ("*" if wildcard else ""), int(expires_at))
+        sep = "&" if urlsplit(url).query else "?"
+        return (
+            f"{url}{sep}Policy={_cf_b64(policy)}&Signature={self._sign(policy)}"
+            f"&Key-Pair-Id={self.key_pair_id}"
+        )
+
+    def verify(self, url: str) -> str | None:
+        """Return None when `url` carries a valid, unexpired signature, else why it does not.
+
+        The reasons are "missing", "invalid" (tampered, wrong key) and "expired".
+        """
+        resource, params = _split_signature(url)
+        if "Signature" not in params or "Key-Pair-Id" not in params:
+            return "missing"
+        if params["Key-Pair-Id"] != self.key_pair_id:
+            return "invalid"
+        try:
+            if "Policy" in params:
+                policy = _cf_unb64(params["Policy"])
+                statement = json.loads(policy)["Statement"][0]
+                pattern = statement["Resource"]
+                expires = int(statement["Condition"]["DateLessThan"]["AWS:EpochTime"])
+            elif "Expires" in params:
+                expires = int(params["Expires"])
+                pattern = resource
+                policy = _policy(resource, expires)
+            else:
+                return "missing"
+        except (ValueError, KeyError, IndexError, TypeError):
+            return "invalid"
+        if not hmac.compare_digest(self._sign(policy), params["Signature"]):
+            return "invalid"
+        if not _resource_matches(pattern, resource):
+            return "invalid"
+        if self._clock() >= expires:
+            return "expired"
+        return None
+
+
+def access_denied(reason: str) -> Response:
+    """CloudFront's answer to a missing, tampered or expired signature."""
+    body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code><Message>Access denied ({reason})</Message></Error>"  # noqa: E501
+    return Response(body.encode(), 403, media_type="application/xml")
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA and a server certificate it signed, as PEM files."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+def make_tls(directory: Path) -> TlsFiles:
+    """Create a CA and a certificate for 127.0.0.1 and localhost in `directory`.
+
+    The official Grand Challenge client refuses plain http, so the conformance tests point
+    `SSL_CERT_FILE` at `ca_file`.
+    """
+    import trustme  # a test extra: only TLS demos and the conformance tests need it
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA(organization_name="fsmount demo CA")
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    files = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    ca.cert_pem.write_to_path(str(files.ca_file))
+    leaf.private_key_pem.write_to_path(str(files.key_file))
+    with open(files.cert_file, "wb") as out:
+        for blob in leaf.cert_chain_pems:
+            out.write(blob.bytes())
+    return files
+
+
+@dataclass
+class RunningServer:
+    """A server started by `start_server`; `url` has no trailing slash."""
+
+    url: str
+    _thread: threading.Thread
+    _token: trio.lowlevel.TrioToken
+    _shutdown: trio.Event
+    _stopped: bool = field(default=False)
+
+    def stop(self) -> None:
+        """Shut down (idempotent) and wait for the server thread to end."""
+        if self._stopped:
+            return
+        self._stopped = True
+        with contextlib.suppress(trio.RunFinishedError):
+            trio.from_thread.run_sync(self._shutdown.set, trio_token=self._token)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def start_server(app: ASGIApp, *, tls: TlsFiles | None = None) -> RunningServer:
+    """Serve `app` with hypercorn under trio in a daemon thread on 127.0.0.1, on a free port.
+
+    Returns once the socket is listening, so callers never poll for readiness.
+    """
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.loglevel = "WARNING"
+    config.graceful_timeout = 1.0
+    config.keep_alive_max_requests = 1_000_000
+    if tls is not None:
+        config.certfile = str(tls.cert_file)
+        config.keyfile = str(tls.key_file)
+    ready: queue.Queue[tuple[str, trio.lowlevel.TrioToken, trio.Event] | BaseException]
+    ready = queue.Queue()
+
+    async def main() -> None:
+        shutdown = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(
+                    functools.partial(serve, app, config, shutdown_trigger=shutdown.wait)
+                )
+                ready.put((binds[0], trio.lowlevel.current_trio_token(), shutdown))
+        except BaseException as error:
+            ready.put(error)
+            raise
+
+    thread = threading.Thread(target=trio.run, args=(main,), name="fake-server", daemon=True)
+    thread.start()
+    started = ready.get(timeout=30)
+    if isinstance(started, BaseException):
+        raise RuntimeError("fake server failed to start") from started
+    url, token, shutdown = started
+    return RunningServer(url, thread, token, shutdown)
