@@ -24,6 +24,10 @@ class FetchError(Exception):
         return cls(errno.EIO, message)
 
 
+class ContentChanged(FetchError):
+    """The remote bytes changed version while being read: nothing mixed was served."""
+
+
 class StartupError(Exception):
     """Mounting cannot start (bad credentials, unreachable API, unknown archive...).
 

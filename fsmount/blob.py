@@ -1,0 +1,57 @@
+"""Blobs: the small objects that name one remote (or inline) byte sequence.
+
+Both services produce Blobs; the cache and the transfer layer never look inside a service.
+A remote blob knows how to obtain a fresh signed URL for its bytes (`resolve`), never the URL
+itself, because signed URLs expire and resolving one may cost an audited API request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SignedUrl:
+    """A URL that grants access to one object's bytes until `expires_at` (Unix time)."""
+
+    url: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class BlobStat:
+    """What must be known before the first byte is served: exact size, time, version."""
+
+    size: int
+    mtime: float
+    etag: str | None = None
+
+
+@dataclass(eq=False)
+class RemoteBlob:
+    """Bytes fetched over HTTP from a signed URL.
+
+    `key` identifies the object on its service (never a URL). `version` is set when the
+    service itself names the content version (Scenario's `updatedAt`); otherwise the storage
+    ETag learned on the first probe serves. `size`/`mtime` are set when the API gives them, which
+    spares a probe. `description` is a secret-free label for logs.
+    """
+
+    key: str
+    resolve: Callable[[], Awaitable[SignedUrl]]
+    description: str
+    size: int | None = None
+    mtime: float | None = None
+    version: str | None = None
+    xattrs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class InlineBlob:
+    """Bytes the API already sent (a JSON value): served from memory, never cached on disk."""
+
+    data: bytes
+
+
+Blob = RemoteBlob | InlineBlob

@@ -1,0 +1,126 @@
+"""Where a read meets the cache: sizes before the first byte, bytes through the block store.
+
+`stat` answers from memory, then from the metadata kept across remounts, and only then probes
+storage (one-byte ranged GET), so `ls -l` after a remount costs no request per file. `read`
+hands the block store a fetch function bound to the blob's version, so the cache never sees a
+URL and never mixes versions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import trio
+
+from fsmount.blob import Blob, BlobStat, InlineBlob, RemoteBlob
+from fsmount.cache.blocks import BlockStore
+from fsmount.cache.metadata import MetadataStore
+from fsmount.errors import ContentChanged, FetchError
+from fsmount.transfer import Storage
+
+log = logging.getLogger(__name__)
+
+
+class Content:
+    """Sizes and bytes of blobs, for the FUSE layer (which knows nothing of where they live)."""
+
+    def __init__(
+        self, storage: Storage, blocks: BlockStore, metadata: MetadataStore, *, parallel: int = 16
+    ) -> None:
+        self._storage = storage
+        self._blocks = blocks
+        self._metadata = metadata
+        self._stats: dict[str, BlobStat] = {}
+        self._probing: dict[str, trio.Event] = {}
+        self._limit = trio.CapacityLimiter(parallel)
+
+    async def stat(self, blob: Blob) -> BlobStat:
+        if isinstance(blob, InlineBlob):
+            return BlobStat(len(blob.data), 0.0)
+        while True:
+            known = self._known(blob)
+            if known is not None:
+                return known
+            pending = self._probing.get(blob.key)
+            if pending is None:
+                break
+            await pending.wait()
+        done = self._probing[blob.key] = trio.Event()
+        try:
+            async with self._limit:
+                st = await self._storage.probe(blob)
+            if blob.mtime is not None:  # the service's own time beats the storage's
+                st = BlobStat(st.size, blob.mtime, st.etag)
+            self._stats[_identity(blob)] = st
+            self._metadata.put(
+                _meta_key(blob), {"size": st.size, "mtime": st.mtime, "etag": st.etag}
+            )
+            return st
+        finally:
+            del self._probing[blob.key]
+            done.set()
+
+    async def stat_many(self, blobs: Iterable[Blob]) -> None:
+        """Learn many sizes at once (a directory listing): bounded parallel probes.
+
+        A failed probe is logged and left for the reader's own `stat` to report.
+        """
+
+        async def one(blob: Blob) -> None:
+            try:
+                await self.stat(blob)
+            except FetchError as exc:
+                log.warning("size of %s: %s", getattr(blob, "description", "?"), exc)
+
+        async with trio.open_nursery() as nursery:
+            for blob in blobs:
+                if isinstance(blob, RemoteBlob) and self._known(blob) is None:
+                    nursery.start_soon(one, blob)
+
+    async def read(self, blob: Blob, offset: int, length: int) -> bytes:
+        if isinstance(blob, InlineBlob):
+            return blob.data[offset : offset + length]
+        st = await self.stat(blob)
+        if offset >= st.size or length <= 0:
+            return b""
+
+        async def fetch(start: int, end: int) -> bytes:
+            return await self._storage.fetch(blob, start, end, st.etag)
+
+        version = blob.version or st.etag or ""
+        try:
+            return await self._blocks.read(f"{blob.key}@{version}", st.size, offset, length, fetch)
+        except ContentChanged:
+            self.forget(blob)  # the next open learns the current size/version afresh
+            raise
+
+    def forget(self, blob: RemoteBlob) -> None:
+        """Drop what is known of a blob's size and version (it changed, or failed)."""
+        if blob.size is None:
+            self._stats.pop(_identity(blob), None)
+            self._metadata.put(_meta_key(blob), {})
+        self._storage.forget_url(blob)
+
+    def _known(self, blob: RemoteBlob) -> BlobStat | None:
+        st = self._stats.get(_identity(blob))
+        if st is not None:
+            return st
+        if blob.size is not None and blob.mtime is not None:
+            st = BlobStat(blob.size, blob.mtime, None)
+        else:
+            stored = self._metadata.get(_meta_key(blob))
+            if not stored or "size" not in stored:
+                return None
+            st = BlobStat(stored["size"], stored["mtime"], stored.get("etag"))
+        self._stats[_identity(blob)] = st
+        return st
+
+
+def _identity(blob: RemoteBlob) -> str:
+    """What a size is known for: the object, and its version when the service names one."""
+    return f"{blob.key}@{blob.version}" if blob.version else blob.key
+
+
+def _meta_key(blob: RemoteBlob) -> str:
+    return f"stat:{_identity(blob)}"

@@ -1,0 +1,106 @@
+"""`fsmount demo`: the fake services on loopback, mounted, with a short tour of the result.
+
+Everything runs in this one process: the fake services on threads of their own, the mount on
+the main thread (signals need it), and the tour on a helper thread that reads the mount like
+any other program would, while trio serves its requests.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import trio
+
+from fsmount import config
+from fsmount.demo.services import start_demo_services
+
+
+def _write_secret(path: Path, text: str) -> str:
+    path.write_text(text)
+    path.chmod(0o600)
+    return str(path)
+
+
+def _tour(mountpoint: Path) -> None:
+    """List what is mounted, two levels deep, and suggest what to try."""
+    out: list[str] = [f"\nfsmount demo: the demo services are mounted at {mountpoint}\n"]
+    try:
+        for service in sorted(os.listdir(mountpoint)):
+            out.append(f"  {service}/")
+            base = mountpoint / service
+            for entry in sorted(os.listdir(base)):
+                count = len(os.listdir(base / entry))
+                out.append(f"    {entry}/  ({count} entries)")
+        sample = _first_file(mountpoint / "grand-challenge", depth=4)
+        if sample is not None:
+            out.append(f"\n  {sample.relative_to(mountpoint.parent)}:")
+            out.append(
+                "    " + sample.read_bytes()[:300].decode(errors="replace").replace("\n", "\n    ")
+            )
+    except OSError as exc:
+        out.append(f"  (could not list the mount: {exc})")
+    rel = os.path.relpath(mountpoint)
+    out += [
+        "\nTry, in another terminal:",
+        f"  ls -lR {rel}/grand-challenge | head -40",
+        f"  find {rel}/grand-challenge -name '*.mha'",
+        f"  cp {rel}/scenario/assets/*.webp /tmp/",
+        f"  getfattr -d {rel}/scenario/assets/*.glb | head",
+        "\nPress Ctrl-C to unmount and exit.",
+    ]
+    print("\n".join(out), flush=True)
+
+
+def _first_file(directory: Path, depth: int) -> Path | None:
+    """A small JSON file to show, found without walking big directories."""
+    if depth < 0 or not directory.is_dir():
+        return None
+    entries = sorted(directory.iterdir())[:20]
+    for entry in entries:
+        if entry.is_file() and entry.suffix == ".json" and entry.stat().st_size < 4096:
+            return entry
+    for entry in entries:
+        found = _first_file(entry, depth - 1) if entry.is_dir() else None
+        if found is not None:
+            return found
+    return None
+
+
+def run_demo(mountpoint: Path) -> int:
+    from fsmount.cli import build_parser, setup_logging
+    from fsmount.mount import serve
+
+    setup_logging("warning")
+    mountpoint.mkdir(exist_ok=True)
+    mountpoint = mountpoint.absolute()
+    with (
+        tempfile.TemporaryDirectory(prefix="fsmount-demo-") as tmp,
+        start_demo_services(workdir=Path(tmp)) as services,
+    ):
+        work = Path(tmp)
+        (work / "config.toml").write_text("")
+        argv = ["mount", str(mountpoint), "--config", str(work / "config.toml")]
+        argv += ["--cache-dir", str(work / "cache")]
+        if services.gc is not None:
+            token = _write_secret(work / "gc-token", services.gc.token)
+            argv += ["--grand-challenge-url", services.gc.api_url]
+            argv += ["--grand-challenge-token-file", token]
+        if services.scenario is not None:
+            creds = _write_secret(
+                work / "scenario-credentials",
+                f"{services.scenario.key}\n{services.scenario.secret}\n",
+            )
+            argv += ["--scenario-url", services.scenario.api_url]
+            argv += ["--scenario-credentials-file", creds]
+        cfg = config.load(build_parser().parse_args(argv), environ={})
+
+        def ready() -> None:
+            threading.Thread(target=_tour, args=(mountpoint,), daemon=True).start()
+
+        trio.run(serve, cfg, mountpoint, ready)
+    print("fsmount demo: unmounted.", file=sys.stderr)
+    return 0

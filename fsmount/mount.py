@@ -1,0 +1,158 @@
+"""The mount's lifecycle: build the layers, check the services, mount, serve, unmount.
+
+Signals are received by trio before anything is mounted, so SIGINT/SIGTERM always lead to a
+clean unmount and exit code 0. A crash leaves the mount as it is (ENOTCONN rather than an empty
+directory a mirror job could mistake for deleted data); `fsmount unmount` or systemd's
+`ExecStopPost` clears it.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from fsmount.cache.blocks import BlockStore
+from fsmount.cache.metadata import MetadataStore
+from fsmount.config import Config, grand_challenge_token_source, scenario_credentials_source
+from fsmount.content import Content
+from fsmount.errors import StartupError
+from fsmount.fs import Operations
+from fsmount.sources.grand_challenge import GrandChallenge
+from fsmount.transfer import ApiClient, Credentials, HttpPolicy, Storage, TransferStats
+from fsmount.tree import Directory, TreeContext
+
+log = logging.getLogger(__name__)
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        except OSError as exc:
+            log.warning("cannot notify systemd: %s", exc)
+
+
+def fuse_options(cfg: Config) -> set[str]:
+    options = set(pyfuse3.default_options)  # default_permissions
+    options |= {"fsname=fsmount", "subtype=fsmount", "ro", "nosuid", "nodev", "noatime"}
+    if cfg.allow_other:
+        options.add("allow_other")
+    return options
+
+
+async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> None:
+    """Mount at `mountpoint` and serve until unmounted or told to stop by a signal."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async with AsyncExitStack() as stack:
+            cache_dir = cfg.cache_path
+            cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            metadata = MetadataStore(cache_dir / "metadata.sqlite")
+            stack.callback(metadata.close)
+            blocks = BlockStore(cache_dir / "blocks", budget=cfg.cache_size)
+            stack.push_async_callback(blocks.aclose)
+            policy = HttpPolicy(deadline=cfg.timeout)
+            stats = TransferStats()
+            storage = Storage(policy, stats)
+            stack.push_async_callback(storage.aclose)
+            ctx = TreeContext(metadata.first_seen_many, listing_ttl=cfg.dir_cache_time)
+
+            services: list[Directory] = []
+            token = grand_challenge_token_source(cfg)
+            if token is not None:
+                api = ApiClient(
+                    cfg.grand_challenge_url,
+                    Credentials(lambda: {"Authorization": f"Bearer {token()}"}),
+                    policy,
+                    stats,
+                    name="grand-challenge",
+                )
+                stack.push_async_callback(api.aclose)
+                gc = GrandChallenge(api, ctx, metadata, archives=list(cfg.archive))
+                await gc.check()
+                services.append(gc.directory())
+            scenario = scenario_credentials_source(cfg)
+            if scenario is not None:
+                from fsmount.sources.scenario import Scenario
+
+                def basic() -> dict[str, str]:
+                    key, secret = scenario()
+                    raw = base64.b64encode(f"{key}:{secret}".encode()).decode()
+                    return {"Authorization": f"Basic {raw}"}
+
+                api = ApiClient(
+                    cfg.scenario_url, Credentials(basic), policy, stats, name="scenario"
+                )
+                stack.push_async_callback(api.aclose)
+                sc = Scenario(api, ctx, project=cfg.scenario_project)
+                await sc.check()
+                services.append(sc.directory())
+            if not services:
+                raise StartupError(
+                    "nothing to mount: configure a Grand Challenge token or Scenario credentials"
+                    " (see fsmount mount --help)"
+                )
+
+            root = Directory("", "", ctx, children=services)
+            root.mtime = metadata.first_seen_many([""])[""]
+            ops = Operations(
+                root, Content(storage, blocks, metadata), request_deadline=cfg.timeout + 15
+            )
+            await _run_fuse(ops, cfg, mountpoint, signals, ctx, ready)
+
+
+async def _run_fuse(
+    ops: Operations,
+    cfg: Config,
+    mountpoint: Path,
+    signals: AsyncIterator[int],
+    ctx: TreeContext,
+    ready: Callable[[], None],
+) -> None:
+    try:
+        pyfuse3.init(ops, str(mountpoint), fuse_options(cfg))
+    except RuntimeError as exc:
+        raise StartupError(f"cannot mount at {mountpoint}: {exc}") from None
+    clean = False
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signals() -> None:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("SIGHUP: dropping cached listings")
+                        ctx.invalidate_all()
+                        continue
+                    log.info("%s: unmounting", signal.Signals(signum).name)
+                    sd_notify("STOPPING=1")
+                    pyfuse3.terminate()
+                    return
+
+            async def announce() -> None:
+                await trio.sleep(0)  # let pyfuse3.main start answering the kernel first
+                log.info("mounted at %s", mountpoint)
+                sd_notify("READY=1")
+                ready()
+
+            nursery.start_soon(on_signals)
+            nursery.start_soon(announce)
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
+            nursery.cancel_scope.cancel()
+        clean = True
+    finally:
+        pyfuse3.close(unmount=clean)

@@ -1,0 +1,454 @@
+"""The one HTTP layer: API clients, storage/CDN downloads, retries, deadlines, signed URLs.
+
+Policy, in one place:
+- every operation has an overall deadline; retries (connection errors, timeouts, 408, 429,
+  5xx) back off exponentially with jitter inside it, honouring `Retry-After` and Scenario's
+  `remainingSeconds`; other 4xx are final;
+- a stall (no byte for `stall_timeout`) is a timeout, hence retried;
+- an interrupted body resumes from the last byte received, with `If-Range` so versions never mix;
+- signed URLs are reused for every range until shortly before they expire, and asked for again
+  once when storage answers 403;
+- storage and CDN requests go through a client that has no credentials at all, so the API's
+  `Authorization` can never reach them; URLs are logged without their query strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import email.utils
+import errno
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import httpx
+import trio
+
+from fsmount.blob import BlobStat, RemoteBlob, SignedUrl
+from fsmount.errors import ContentChanged, FetchError
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 507})
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+DEFAULT_URL_TTL = 60.0
+
+
+@dataclass(frozen=True)
+class HttpPolicy:
+    """Timeouts and retry budget; one instance per mount, from the configuration."""
+
+    deadline: float = 60.0  # a whole operation (with its retries) never takes longer
+    connect_timeout: float = 10.0
+    stall_timeout: float = 20.0  # no byte received for this long counts as a failure
+    base_delay: float = 0.25
+    max_delay: float = 10.0
+    max_connections: int = 32
+
+
+@dataclass
+class TransferStats:
+    """Counters for `fsmount status`; plain ints bumped inline (one thread)."""
+
+    requests: int = 0
+    retries: int = 0
+    bytes_fetched: int = 0
+    url_resolves: int = 0
+    errors: int = 0
+
+
+def redact(url: str) -> str:
+    """A URL fit for logs: no query string (signatures) and no userinfo."""
+    parts = urlsplit(str(url))
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def url_expiry(url: str, now: float | None = None) -> float:
+    """When a signed URL stops working: `Expires=` (canned), or a CloudFront custom `Policy`."""
+    now = time.time() if now is None else now
+    query = parse_qs(urlsplit(url).query)
+    try:
+        if "Expires" in query:
+            return float(query["Expires"][0])
+        if "X-Amz-Expires" in query and "X-Amz-Date" in query:
+            start = time.mktime(time.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ"))
+            return start - time.timezone + float(query["X-Amz-Expires"][0])
+        if "Policy" in query:
+            raw = query["Policy"][0].replace("-", "+").replace("_", "=").replace("~", "/")
+            policy = json.loads(base64.b64decode(raw + "=" * (-len(raw) % 4)))
+            condition = policy["Statement"][0]["Condition"]["DateLessThan"]
+            return float(condition["AWS:EpochTime"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        log.warning("cannot read the expiry of signed URL %s", redact(url))
+    return now + DEFAULT_URL_TTL
+
+
+def status_errno(status: int) -> int:
+    """Errno a reader sees for a final HTTP status (never ENOENT for a transient error)."""
+    if status == 404 or status == 410:
+        return errno.ENOENT
+    if status in (401, 403):
+        return errno.EACCES
+    if status == 429:
+        return errno.EAGAIN
+    return errno.EIO
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds the server asked us to wait (`Retry-After`, or a `remainingSeconds` body)."""
+    value = response.headers.get("Retry-After")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            parsed = email.utils.parsedate_to_datetime(value)
+            return max(0.0, parsed.timestamp() - time.time())
+    if response.headers.get("Content-Type", "").startswith("application/json"):
+        try:
+            body = response.json()
+        except ValueError:
+            return None
+        if isinstance(body, dict) and isinstance(body.get("remainingSeconds"), int | float):
+            return max(0.0, float(body["remainingSeconds"]))
+    return None
+
+
+class _Attempts:
+    """Backoff bookkeeping for one operation: decides whether another try fits the deadline."""
+
+    def __init__(self, policy: HttpPolicy, what: str, stats: TransferStats) -> None:
+        self.policy = policy
+        self.what = what
+        self.stats = stats
+        self.started = time.monotonic()
+        self.count = 0
+
+    def remaining(self) -> float:
+        return self.policy.deadline - (time.monotonic() - self.started)
+
+    async def backoff(self, reason: str, err: int, wait: float | None = None) -> None:
+        """Sleep before the next try, or raise FetchError(err) when the budget is spent."""
+        self.count += 1
+        delay = min(self.policy.max_delay, self.policy.base_delay * 2 ** (self.count - 1))
+        delay *= 1 - 0.25 * random.random()
+        if wait is not None:
+            delay = max(delay, wait)
+        if delay >= self.remaining():
+            self.stats.errors += 1
+            raise FetchError(err, f"{self.what}: {reason}; giving up after {self.count} tries")
+        self.stats.retries += 1
+        log.debug("%s: %s; retry %d in %.2fs", self.what, reason, self.count, delay)
+        await trio.sleep(delay)
+
+
+class Credentials:
+    """The API's auth header, re-read from its source once after a 401 (token rotation)."""
+
+    def __init__(self, load: Callable[[], dict[str, str]]) -> None:
+        self._load = load
+        self._headers = load()
+
+    def headers(self) -> dict[str, str]:
+        return dict(self._headers)
+
+    def reload(self) -> bool:
+        """Re-read the secret; True when it changed (so one more try makes sense)."""
+        fresh = self._load()
+        changed = fresh != self._headers
+        self._headers = fresh
+        return changed
+
+
+class ApiClient:
+    """JSON requests to one service's API, with its credentials and the retry policy."""
+
+    def __init__(
+        self,
+        base_url: str,
+        credentials: Credentials,
+        policy: HttpPolicy,
+        stats: TransferStats,
+        *,
+        name: str,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url
+        self.name = name
+        self._credentials = credentials
+        self._policy = policy
+        self._stats = stats
+        self._client = httpx.AsyncClient(
+            base_url=base_url,
+            headers={"Accept": "application/json"},
+            timeout=httpx.Timeout(policy.stall_timeout, connect=policy.connect_timeout),
+            limits=httpx.Limits(max_connections=policy.max_connections),
+            follow_redirects=False,
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        ok: Callable[[httpx.Response], bool] = lambda r: r.is_success,
+        deadline: float | None = None,
+    ) -> httpx.Response:
+        """Send with retries; return the first response `ok` accepts, else raise FetchError.
+
+        `deadline` shortens the policy's budget (start-up checks must fail within seconds).
+        """
+        policy = self._policy
+        if deadline is not None:
+            policy = dataclasses.replace(policy, deadline=min(deadline, policy.deadline))
+        attempts = _Attempts(policy, f"{self.name} {method} {redact(url)}", self._stats)
+        reloaded = False
+        while True:
+            try:
+                with trio.fail_after(max(attempts.remaining(), 0.001)):
+                    self._stats.requests += 1
+                    response = await self._client.request(
+                        method,
+                        url,
+                        params=params,
+                        json=json_body,
+                        headers=self._credentials.headers(),
+                    )
+            except (httpx.TransportError, trio.TooSlowError) as exc:
+                await attempts.backoff(type(exc).__name__, errno.ETIMEDOUT)
+                continue
+            if ok(response):
+                return response
+            if response.status_code == 401 and not reloaded:
+                reloaded = True
+                if self._credentials.reload():
+                    log.info("%s: credentials were rejected; re-read them, trying again", self.name)
+                    continue
+            if response.status_code in RETRY_STATUSES:
+                err = errno.EAGAIN if response.status_code == 429 else errno.EIO
+                await attempts.backoff(f"HTTP {response.status_code}", err, _retry_after(response))
+                continue
+            self._stats.errors += 1
+            raise FetchError(
+                status_errno(response.status_code),
+                f"{self.name} {method} {redact(url)}: HTTP {response.status_code}"
+                f" {_error_reason(response)}",
+            )
+
+    async def get_json(
+        self, url: str, params: Mapping[str, Any] | None = None, *, deadline: float | None = None
+    ) -> Any:
+        return (await self.request("GET", url, params=params, deadline=deadline)).json()
+
+    async def post_json(self, url: str, body: Any, params: Mapping[str, Any] | None = None) -> Any:
+        return (await self.request("POST", url, params=params, json_body=body)).json()
+
+    async def redirect_target(self, url: str) -> str:
+        """Follow one redirect by hand (Grand Challenge `/media/`): the signed storage URL."""
+        response = await self.request("GET", url, ok=lambda r: r.status_code in REDIRECTS)
+        self._stats.url_resolves += 1
+        return str(response.url.join(response.headers["Location"]))
+
+
+def _error_reason(response: httpx.Response) -> str:
+    """A short, secret-free reason from an error body (`detail`, `reason`, `message`)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    if isinstance(body, dict):
+        for field in ("detail", "reason", "message", "error"):
+            if isinstance(body.get(field), str):
+                return f"({body[field][:200]})"
+    return ""
+
+
+class Storage:
+    """Downloads from storage/CDN hosts: signed-URL book, probes, resumable ranged reads."""
+
+    def __init__(
+        self,
+        policy: HttpPolicy,
+        stats: TransferStats,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._policy = policy
+        self._stats = stats
+        # No auth, no default headers beyond httpx's own: nothing secret can leak from here.
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(policy.stall_timeout, connect=policy.connect_timeout),
+            limits=httpx.Limits(
+                max_connections=policy.max_connections,
+                max_keepalive_connections=policy.max_connections,
+            ),
+            follow_redirects=True,
+            transport=transport,
+        )
+        self._urls: dict[str, tuple[str, float]] = {}  # blob key -> (url, reuse until)
+        self._resolving: dict[str, trio.Event] = {}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def signed_url(self, blob: RemoteBlob, *, fresh: bool = False) -> str:
+        """The blob's signed URL, resolved at most once at a time and reused until near expiry."""
+        while True:
+            current = self._urls.get(blob.key)
+            if current is not None and not fresh and time.time() < current[1]:
+                return current[0]
+            pending = self._resolving.get(blob.key)
+            if pending is None:
+                break
+            await pending.wait()
+            fresh = False  # somebody just resolved it for us
+        done = self._resolving[blob.key] = trio.Event()
+        try:
+            signed = await blob.resolve()
+            self._urls[blob.key] = (signed.url, _reuse_until(signed))
+            return signed.url
+        finally:
+            del self._resolving[blob.key]
+            done.set()
+
+    def forget_url(self, blob: RemoteBlob) -> None:
+        self._urls.pop(blob.key, None)
+
+    async def probe(self, blob: RemoteBlob) -> BlobStat:
+        """Size, time and ETag from a one-byte ranged GET (HEAD is not signed for GET URLs)."""
+        result: BlobStat | None = None
+
+        async def handle(response: httpx.Response) -> bool:
+            nonlocal result
+            if response.status_code == 416:
+                result = BlobStat(0, _last_modified(response), _etag(response))
+            elif response.status_code == 206:
+                total = response.headers.get("Content-Range", "").rpartition("/")[2]
+                if not total.isdigit():
+                    raise FetchError.eio(f"{blob.description}: no total size in Content-Range")
+                result = BlobStat(int(total), _last_modified(response), _etag(response))
+            elif response.status_code == 200 and "Content-Length" in response.headers:
+                size = int(response.headers["Content-Length"])
+                result = BlobStat(size, _last_modified(response), _etag(response))
+            else:
+                return False
+            return True
+
+        probe_headers = {"Range": "bytes=0-0", "Accept-Encoding": "identity"}
+        await self._exchange(blob, probe_headers, handle, "probe")
+        assert result is not None
+        return result
+
+    async def fetch(self, blob: RemoteBlob, start: int, end: int, etag: str | None) -> bytes:
+        """Bytes `[start, end)` of the blob's version `etag`, resuming after interruptions."""
+        buf = bytearray()
+
+        async def handle(response: httpx.Response) -> bool:
+            if response.status_code == 200 and etag is not None and _etag(response) != etag:
+                raise ContentChanged(
+                    errno.EIO, f"{blob.description}: the remote file changed while being read"
+                )
+            if response.status_code == 206:
+                first = response.headers.get("Content-Range", "").removeprefix("bytes ")
+                if not first.startswith(f"{start + len(buf)}-"):
+                    raise FetchError.eio(f"{blob.description}: storage sent another range")
+                skip = 0
+            elif response.status_code == 200:
+                skip = start + len(buf)  # Range ignored: skip to where we are
+            else:
+                return False
+            async for chunk in response.aiter_raw():
+                self._stats.bytes_fetched += len(chunk)
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                buf.extend(chunk[: end - start - len(buf)])
+                if len(buf) >= end - start:
+                    break
+            if len(buf) < end - start:
+                raise httpx.RemoteProtocolError("body ended early")
+            return True
+
+        def headers() -> dict[str, str]:
+            h = {"Range": f"bytes={start + len(buf)}-{end - 1}", "Accept-Encoding": "identity"}
+            if etag:
+                h["If-Range"] = etag
+            return h
+
+        if end <= start:
+            return b""
+        await self._exchange(blob, headers, handle, f"bytes {start}-{end - 1}")
+        return bytes(buf[: end - start])
+
+    async def _exchange(
+        self,
+        blob: RemoteBlob,
+        headers: Mapping[str, str] | Callable[[], Mapping[str, str]],
+        handle: Callable[[httpx.Response], Awaitable[bool]],
+        what: str,
+    ) -> None:
+        """One storage GET with the full policy: retries, resume, 403 → new URL once."""
+        attempts = _Attempts(self._policy, f"{blob.description} {what}", self._stats)
+        refreshed = False
+        fresh = False
+        while True:
+            url = await self.signed_url(blob, fresh=fresh)
+            fresh = False
+            h = headers() if callable(headers) else headers
+            try:
+                with trio.fail_after(max(attempts.remaining(), 0.001)):
+                    self._stats.requests += 1
+                    async with self._client.stream("GET", url, headers=h) as response:
+                        if await handle(response):
+                            return
+                        status = response.status_code
+                        await response.aread()
+                        reason = _error_reason(response)
+            except (httpx.TransportError, trio.TooSlowError) as exc:
+                await attempts.backoff(f"{type(exc).__name__} from storage", errno.ETIMEDOUT)
+                continue
+            if status in (400, 401, 403) and not refreshed:
+                refreshed = fresh = True  # expired or otherwise refused signature: ask again
+                log.info("%s: storage answered %d; asking for a new URL", blob.description, status)
+                continue
+            if status in RETRY_STATUSES:
+                await attempts.backoff(f"storage HTTP {status}", status_errno(status))
+                continue
+            self._stats.errors += 1
+            raise FetchError(
+                status_errno(status), f"{blob.description}: storage HTTP {status} {reason}"
+            )
+
+
+def _reuse_until(signed: SignedUrl) -> float:
+    """Stop using a URL shortly before it expires: a fifth of its life early, at most 30 s."""
+    now = time.time()
+    return signed.expires_at - min(30.0, max(0.0, signed.expires_at - now) / 5)
+
+
+def _etag(response: httpx.Response) -> str | None:
+    return response.headers.get("ETag")
+
+
+def _last_modified(response: httpx.Response) -> float:
+    value = response.headers.get("Last-Modified")
+    if value:
+        try:
+            return email.utils.parsedate_to_datetime(value).timestamp()
+        except (TypeError, ValueError):
+            pass
+    return 0.0

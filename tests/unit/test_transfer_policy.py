@@ -1,0 +1,225 @@
+"""The HTTP layer's policy, in process: retries, deadlines, signed URLs, resume, versions."""
+
+from __future__ import annotations
+
+import errno
+import time
+
+import httpx
+import pytest
+import trio
+
+from fsmount.blob import RemoteBlob, SignedUrl
+from fsmount.demo.content import pattern
+from fsmount.errors import ContentChanged, FetchError
+from fsmount.transfer import (
+    ApiClient,
+    Credentials,
+    HttpPolicy,
+    Storage,
+    TransferStats,
+    redact,
+    url_expiry,
+)
+
+FAST = HttpPolicy(deadline=5.0, base_delay=0.01, max_delay=0.05)
+SIZE = 3_000_000
+
+
+def api(handler, policy: HttpPolicy = FAST, creds: Credentials | None = None) -> ApiClient:
+    creds = creds or Credentials(lambda: {"Authorization": "Bearer secret-token"})
+    return ApiClient(
+        "https://api.test/api/v1/",
+        creds,
+        policy,
+        TransferStats(),
+        name="test",
+        transport=httpx.MockTransport(handler),
+    )
+
+
+class Body(httpx.AsyncByteStream):
+    """A body streamed like a network one; with `keep`, it breaks after that many bytes."""
+
+    def __init__(self, data: bytes, keep: int | None = None) -> None:
+        self.data, self.keep = data, keep
+
+    async def __aiter__(self):
+        yield self.data[: self.keep]
+        if self.keep is not None:
+            raise httpx.RemoteProtocolError("peer closed connection")
+
+
+class FakeStorage:
+    """A ranged object store with knobs: cut bodies, 403 until re-signed, changing ETag."""
+
+    def __init__(self) -> None:
+        self.resolves = 0
+        self.requests: list[httpx.Request] = []
+        self.cut_first = 0
+        self.etag = '"v1"'
+        self.valid_generation = 1
+
+    async def resolve(self) -> SignedUrl:
+        self.resolves += 1
+        return SignedUrl(
+            f"https://cdn.test/obj?gen={self.resolves}&Signature=abc", time.time() + 300
+        )
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if int(request.url.params["gen"]) < self.valid_generation:
+            return httpx.Response(403, text="<Error>AccessDenied</Error>")
+        first, last = request.headers["Range"].removeprefix("bytes=").split("-")
+        start, end = int(first), min(int(last) + 1, SIZE)
+        if_range = request.headers.get("If-Range")
+        headers = {"ETag": self.etag, "Last-Modified": "Wed, 01 Jan 2025 00:00:00 GMT"}
+        if if_range is not None and if_range != self.etag:
+            return httpx.Response(200, headers=headers, stream=Body(pattern(7, 0, SIZE)))
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{SIZE}"
+        body = pattern(7, start, end - start)
+        if self.cut_first > 0 and end - start > 10:
+            self.cut_first -= 1
+            return httpx.Response(206, headers=headers, stream=Body(body, len(body) // 3))
+        return httpx.Response(206, headers=headers, stream=Body(body))
+
+
+def storage_for(fake: FakeStorage) -> tuple[Storage, RemoteBlob]:
+    storage = Storage(FAST, TransferStats(), transport=httpx.MockTransport(fake.handler))
+    blob = RemoteBlob(key="k", resolve=fake.resolve, description="test object")
+    return storage, blob
+
+
+def test_api_retries_503_then_succeeds_and_honours_retry_after() -> None:
+    calls: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            return httpx.Response(503, headers={"Retry-After": "0.2"})
+        if len(calls) == 2:
+            return httpx.Response(429, json={"remainingSeconds": 0.1})
+        return httpx.Response(200, json={"ok": True})
+
+    client = api(handler)
+    assert trio.run(client.get_json, "archives/") == {"ok": True}
+    assert len(calls) == 3
+    assert calls[1] - calls[0] >= 0.2
+    assert calls[2] - calls[1] >= 0.1
+
+
+def test_api_does_not_retry_a_404_and_maps_it_to_enoent() -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(404, json={"detail": "Not found."})
+
+    with pytest.raises(FetchError) as err:
+        trio.run(api(handler).get_json, "archives/x/")
+    assert err.value.errno == errno.ENOENT and calls == 1
+    assert "Not found." in str(err.value)
+
+
+def test_api_gives_up_within_its_deadline_with_eio() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(502)
+
+    policy = HttpPolicy(deadline=0.5, base_delay=0.05, max_delay=0.1)
+    started = time.monotonic()
+    with pytest.raises(FetchError) as err:
+        trio.run(api(handler, policy).get_json, "archives/")
+    assert err.value.errno == errno.EIO
+    assert time.monotonic() - started < 2.0
+
+
+def test_throttling_past_the_budget_is_eagain_never_enoent() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429)
+
+    policy = HttpPolicy(deadline=0.3, base_delay=0.05, max_delay=0.1)
+    with pytest.raises(FetchError) as err:
+        trio.run(api(handler, policy).get_json, "archives/")
+    assert err.value.errno == errno.EAGAIN
+
+
+def test_a_rotated_token_file_is_read_again_once_after_a_401() -> None:
+    tokens = iter(["old", "new", "newer"])
+    creds = Credentials(lambda: {"Authorization": f"Bearer {next(tokens)}"})
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["Authorization"])
+        if request.headers["Authorization"] == "Bearer new":
+            return httpx.Response(200, json={})
+        return httpx.Response(401, json={"detail": "Invalid token."})
+
+    assert trio.run(api(handler, creds=creds).get_json, "archives/") == {}
+    assert seen == ["Bearer old", "Bearer new"]
+
+
+def test_signed_url_is_resolved_once_for_many_ranges_and_carries_no_authorization() -> None:
+    fake = FakeStorage()
+    storage, blob = storage_for(fake)
+
+    async def main() -> bytes:
+        parts = [
+            await storage.fetch(blob, off, off + 100_000, '"v1"') for off in range(0, SIZE, 100_000)
+        ]
+        return b"".join(parts)
+
+    assert trio.run(main) == pattern(7, 0, SIZE)
+    assert fake.resolves == 1
+    assert all("Authorization" not in r.headers for r in fake.requests)
+
+
+def test_expired_url_is_refreshed_once_on_403() -> None:
+    fake = FakeStorage()
+    storage, blob = storage_for(fake)
+    assert trio.run(storage.fetch, blob, 0, 10, '"v1"') == pattern(7, 0, 10)
+    fake.valid_generation = 2  # the first URL now answers 403
+    assert trio.run(storage.fetch, blob, 10, 20, '"v1"') == pattern(7, 10, 10)
+    assert fake.resolves == 2
+
+
+def test_interrupted_body_resumes_from_the_last_byte() -> None:
+    fake = FakeStorage()
+    fake.cut_first = 2
+    storage, blob = storage_for(fake)
+    assert trio.run(storage.fetch, blob, 5, 2_000_005, '"v1"') == pattern(7, 5, 2_000_000)
+    ranges = [r.headers["Range"] for r in fake.requests]
+    assert ranges[0] == "bytes=5-2000004"
+    assert len(ranges) == 3 and ranges[1] != ranges[0] and ranges[2] != ranges[1]
+    assert all(r.headers.get("If-Range") == '"v1"' for r in fake.requests)
+
+
+def test_a_changed_etag_is_never_served_mixed() -> None:
+    fake = FakeStorage()
+    storage, blob = storage_for(fake)
+    fake.etag = '"v2"'
+    with pytest.raises(ContentChanged):
+        trio.run(storage.fetch, blob, 100, 200, '"v1"')
+
+
+def test_probe_learns_size_time_and_etag_and_empty_files_are_size_zero() -> None:
+    fake = FakeStorage()
+    storage, blob = storage_for(fake)
+    st = trio.run(storage.probe, blob)
+    assert (st.size, st.etag) == (SIZE, '"v1"') and st.mtime == 1735689600.0
+
+    def empty(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(416, headers={"Content-Range": "bytes */0"})
+
+    storage = Storage(FAST, TransferStats(), transport=httpx.MockTransport(empty))
+    assert trio.run(storage.probe, blob).size == 0
+
+
+def test_expiry_is_read_from_canned_and_custom_policies_and_logs_drop_queries() -> None:
+    assert url_expiry("https://s/x?Expires=1700000000&Signature=a") == 1700000000.0
+    policy = '{"Statement":[{"Condition":{"DateLessThan":{"AWS:EpochTime":1717199999}}}]}'
+    import base64
+
+    encoded = base64.b64encode(policy.encode()).decode().replace("+", "-").replace("=", "_")
+    assert url_expiry(f"https://c/a?Policy={encoded}&Signature=x") == 1717199999.0
+    assert redact("https://user:pw@c.test:8443/a/b?Signature=secret") == "https://c.test:8443/a/b"
