@@ -31,7 +31,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 CHUNK_SIZE = 1 << 20
 
@@ -373,10 +373,33 @@ class RunningServer:
         self.stop()
 
 
+def _without_lifespan(app: ASGIApp) -> ASGIApp:
+    """Acknowledge lifespan events here, so a bare ASGI callable need not speak that protocol.
+
+    The fakes have no startup or shutdown work; hypercorn fails to start an app that simply
+    returns on a lifespan scope.
+    """
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    return wrapped
+
+
 def start_server(app: ASGIApp, *, tls: TlsFiles | None = None) -> RunningServer:
     """Serve `app` with hypercorn under trio in a daemon thread on 127.0.0.1, on a free port.
 
-    Returns once the socket is listening, so callers never poll for readiness.
+    Returns once the socket is listening, so callers never poll for readiness. The app's own
+    lifespan handlers are not run (see `_without_lifespan`).
     """
     config = Config()
     config.bind = ["127.0.0.1:0"]
@@ -393,9 +416,8 @@ def start_server(app: ASGIApp, *, tls: TlsFiles | None = None) -> RunningServer:
         shutdown = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
-                binds = await nursery.start(
-                    functools.partial(serve, app, config, shutdown_trigger=shutdown.wait)
-                )
+                run = functools.partial(serve, _without_lifespan(app), config)
+                binds = await nursery.start(functools.partial(run, shutdown_trigger=shutdown.wait))
                 ready.put((binds[0], trio.lowlevel.current_trio_token(), shutdown))
         except BaseException as error:
             ready.put(error)
