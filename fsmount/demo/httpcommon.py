@@ -127,12 +127,11 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | str | None:
             return "unsatisfiable"
         return max(0, size - length), size - 1
     start = int(first)
-    end = size - 1 if last == "" else int(last)
-    if end < start:
+    if last != "" and int(last) < start:
         return None
     if start >= size:
         return "unsatisfiable"
-    return start, min(end, size - 1)
+    return start, size - 1 if last == "" else min(int(last), size - 1)
 
 
 def _if_range_holds(if_range: str, etag: str, last_modified: float) -> bool:
