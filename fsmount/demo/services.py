@@ -6,10 +6,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
 from fsmount.demo.grand_challenge import GrandChallengeFake
 from fsmount.demo.httpcommon import make_tls
+from fsmount.demo.scenario import ScenarioFake
 
 
 @dataclass
@@ -17,8 +18,7 @@ class DemoServices:
     """The running fakes; a service that was not asked for is None."""
 
     gc: GrandChallengeFake | None
-    # >>> Scenario wiring: the Scenario engineer replaces `Any` with the fake's class. <<<
-    scenario: Any | None
+    scenario: ScenarioFake | None
     workdir: Path
     _owns_workdir: bool = False
 
@@ -58,8 +58,7 @@ def start_demo_services(
         if grand_challenge:
             services.gc = GrandChallengeFake(tls=tls_files)
         if scenario:
-            # >>> Scenario wiring goes here: services.scenario = ScenarioFake(tls=tls_files) <<<
-            pass
+            services.scenario = ScenarioFake(tls=tls_files)
     except BaseException:
         services.stop()
         raise
