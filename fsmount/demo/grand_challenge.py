@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from fsmount.demo.gc_samples import Archive, Image, Item, Payload, SampleData, Value
 from fsmount.demo.httpcommon import (
+    FaultInjector,
     RequestLog,
     RunningServer,
     TlsFiles,
@@ -110,6 +111,7 @@ class GrandChallengeFake:
 
     One `log` records both servers; storage requests have the kind "storage". Knobs are plain
     attributes, read on every request, so setting them from a test thread takes effect at once.
+    `api_faults` and `storage_faults` (`FaultInjector`) make either server misbehave.
     """
 
     def __init__(self, *, tls: TlsFiles | None = None, key_pair_id: str = "K2JCJMDEHXQW5F") -> None:
@@ -122,9 +124,11 @@ class GrandChallengeFake:
         self._signer = UrlSigner(hashlib.sha256(DEMO_TOKEN.encode()).digest(), key_pair_id)
         self._list_requests = 0
         self._lock = threading.Lock()
-        self._storage: RunningServer = start_server(self._storage_app, tls=tls)
+        self.api_faults = FaultInjector(self._api_app, seed=1)
+        self.storage_faults = FaultInjector(self._storage_app, seed=2)
+        self._storage: RunningServer = start_server(self.storage_faults, tls=tls)
         try:
-            self._api: RunningServer = start_server(self._api_app, tls=tls)
+            self._api: RunningServer = start_server(self.api_faults, tls=tls)
         except BaseException:
             self._storage.stop()
             raise
@@ -151,6 +155,11 @@ class GrandChallengeFake:
 
     def reset_counters(self) -> None:
         self.log.reset()
+
+    def reset_faults(self) -> None:
+        """Both servers back to well-behaved, their fault generators reseeded."""
+        self.api_faults.reset()
+        self.storage_faults.reset()
 
     def stop(self) -> None:
         self._api.stop()

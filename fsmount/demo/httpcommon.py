@@ -11,19 +11,23 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import hmac
 import json
+import logging
 import queue
+import random
 import re
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import trio
@@ -31,7 +35,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CHUNK_SIZE = 1 << 20
 
@@ -394,6 +398,28 @@ def _without_lifespan(app: ASGIApp) -> ASGIApp:
     return wrapped
 
 
+class InjectedCut(Exception):
+    """Raised after a partial body to make the server drop the connection mid-response."""
+
+
+class _NotInjected(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], InjectedCut))
+
+
+@functools.cache
+def _server_log() -> logging.Logger:
+    """hypercorn's error log, minus the tracebacks of connections cut on purpose."""
+    log = logging.getLogger("fsmount.demo.server")
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s fake server %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.addFilter(_NotInjected())
+    return log
+
+
 def start_server(app: ASGIApp, *, tls: TlsFiles | None = None) -> RunningServer:
     """Serve `app` with hypercorn under trio in a daemon thread on 127.0.0.1, on a free port.
 
@@ -403,6 +429,7 @@ def start_server(app: ASGIApp, *, tls: TlsFiles | None = None) -> RunningServer:
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.loglevel = "WARNING"
+    config.errorlog = _server_log()
     config.graceful_timeout = 1.0
     config.keep_alive_max_requests = 1_000_000
     if tls is not None:
@@ -429,3 +456,178 @@ def start_server(app: ASGIApp, *, tls: TlsFiles | None = None) -> RunningServer:
         raise RuntimeError("fake server failed to start") from started
     url, token, shutdown = started
     return RunningServer(url, thread, token, shutdown)
+
+
+# --------------------------------------------------------------------------- fault injection
+
+
+@dataclass
+class Faults:
+    """What a `FaultInjector` does to the requests whose path matches `path_pattern`.
+
+    Rates are probabilities per request, drawn from the injector's seeded generator, so a
+    sequential test sees the same faults on every run. `fail_next` is the exact form: the next
+    N matching requests fail with `error_statuses[0]`, before any rate is considered.
+    """
+
+    path_pattern: str = ""  # regex searched in the request path; "" matches everything
+    latency: float = 0.0  # seconds before the answer starts (a stall before the headers)
+    outage: bool = False  # every request gets 503, as from a load balancer with no backend
+    fail_next: int = 0
+    error_rate: float = 0.0
+    error_statuses: tuple[int, ...] = (429, 502, 503, 504)
+    retry_after: int | None = 1  # seconds, sent with 429 and 503 errors; None: no header
+    cut_rate: float = 0.0  # the body stops half-way and the connection drops
+    stall_rate: float = 0.0  # the body stops half-way for `stall_seconds`, then drops
+    stall_seconds: float = 3600.0
+    etag_generation: int = 0  # > 0: objects look replaced (new ETag and Last-Modified)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    latency: float
+    status: int | None
+    retry_after: int | None
+    interrupt: str | None  # "cut" or "stall"
+    stall_seconds: float
+    generation: int
+
+
+_GENERATION_SECONDS = 86_400
+
+
+def _etag_for(etag: bytes, generation: int) -> bytes:
+    return etag[:-1] + b"-g%d" % generation + b'"' if generation else etag
+
+
+def _if_range_for_app(value: str, generation: int) -> str:
+    """Map a validator of the current generation back to the app's; others never match."""
+    never = '"superseded"'
+    if value.startswith(('"', "W/")):
+        suffix = f'-g{generation}"'
+        return value.removesuffix(suffix) + '"' if value.endswith(suffix) else never
+    try:
+        when = parsedate_to_datetime(value).timestamp() - generation * _GENERATION_SECONDS
+    except (TypeError, ValueError):
+        return never
+    return formatdate(when, usegmt=True)
+
+
+class FaultInjector:
+    """ASGI middleware that makes a fake misbehave on demand: latency, errors, cuts, outages.
+
+    It wraps a fake's app from outside, so the fakes stay faithful and every fault is available
+    to every service. Knobs are set with `configure(...)` from any thread and read once per
+    request. Faulted requests may never reach the app (and so its `RequestLog`); `injected`
+    counts what was done, by kind ("latency", "outage", "error", "cut", "stall").
+    Bytes never change: `etag_generation` only changes the validators (ETag, Last-Modified,
+    If-Range), so reads stay checkable against the oracle while clients see a replaced object.
+    """
+
+    def __init__(self, app: ASGIApp, *, seed: int = 0) -> None:
+        self.app = app
+        self._seed = seed
+        self._lock = threading.Lock()
+        self._random = random.Random(seed)
+        self._faults = Faults()
+        self.injected: collections.Counter[str] = collections.Counter()
+
+    @property
+    def faults(self) -> Faults:
+        """A copy of the current knobs."""
+        with self._lock:
+            return dataclasses.replace(self._faults)
+
+    def configure(self, **knobs: Any) -> None:
+        """Change some knobs (names of `Faults` fields); the others keep their values."""
+        with self._lock:
+            self._faults = dataclasses.replace(self._faults, **knobs)
+
+    def reset(self) -> None:
+        """Back to a well-behaved server, with the generator reseeded and counts cleared."""
+        with self._lock:
+            self._faults = Faults()
+            self._random = random.Random(self._seed)
+            self.injected.clear()
+
+    def _plan(self, path: str) -> _Plan | None:
+        with self._lock:
+            f = self._faults
+            if f.path_pattern and not re.search(f.path_pattern, path):
+                return None
+            status = 503 if f.outage else None
+            if status is None and f.fail_next > 0:
+                self._faults = dataclasses.replace(f, fail_next=f.fail_next - 1)
+                status = f.error_statuses[0]
+            if status is None and self._random.random() < f.error_rate:
+                status = self._random.choice(f.error_statuses)
+            interrupt = None
+            if status is None and self._random.random() < f.cut_rate:
+                interrupt = "cut"
+            elif status is None and self._random.random() < f.stall_rate:
+                interrupt = "stall"
+            if f.latency:
+                self.injected["latency"] += 1
+            if status is not None:
+                self.injected["outage" if f.outage else "error"] += 1
+            if interrupt is not None:
+                self.injected[interrupt] += 1
+            retry_after = f.retry_after if status in (429, 503) and not f.outage else None
+            return _Plan(
+                f.latency, status, retry_after, interrupt, f.stall_seconds, f.etag_generation
+            )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        plan = self._plan(scope["path"]) if scope["type"] == "http" else None
+        if plan is None:
+            await self.app(scope, receive, send)
+            return
+        if plan.latency:
+            await trio.sleep(plan.latency)
+        if plan.status is not None:
+            headers = {} if plan.retry_after is None else {"Retry-After": str(plan.retry_after)}
+            body = {"detail": f"Injected fault: HTTP {plan.status}."}
+            await json_response(body, plan.status, headers)(scope, receive, send)
+            return
+        if plan.generation:
+            scope = dict(scope)
+            scope["headers"] = [
+                (name, _if_range_for_app(value.decode(), plan.generation).encode())
+                if name == b"if-range"
+                else (name, value)
+                for name, value in scope["headers"]
+            ]
+        await self.app(scope, receive, self._faulty_send(send, plan))
+
+    @staticmethod
+    def _faulty_send(send: Send, plan: _Plan) -> Send:
+        sent = 0
+        stop_at: int | None = None
+
+        async def faulty(message: Message) -> None:
+            nonlocal sent, stop_at
+            if message["type"] == "http.response.start":
+                headers = []
+                for name, value in message["headers"]:
+                    if name == b"etag":
+                        value = _etag_for(value, plan.generation)
+                    elif name == b"last-modified" and plan.generation:
+                        shifted = parsedate_to_datetime(value.decode()).timestamp()
+                        shifted += plan.generation * _GENERATION_SECONDS
+                        value = formatdate(shifted, usegmt=True).encode()
+                    elif name == b"content-length":
+                        stop_at = int(value) // 2
+                    headers.append((name, value))
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and plan.interrupt is not None:
+                body = message.get("body", b"")
+                limit = len(body) if stop_at is None else stop_at - sent
+                if len(body) >= limit or not message.get("more_body", False):
+                    await send({**message, "body": body[: max(limit, 0)], "more_body": True})
+                    if plan.interrupt == "stall":
+                        await trio.sleep(plan.stall_seconds)
+                    raise InjectedCut(plan.interrupt)
+                sent += len(body)
+            await send(message)
+
+        return faulty

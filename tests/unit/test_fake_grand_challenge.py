@@ -86,6 +86,7 @@ def api(gc: GrandChallengeFake) -> Iterator[httpx.Client]:
         yield client
     gc.url_expiry = 300.0  # tests turn the knobs; the module's fake is shared
     gc.unstable_order = False
+    gc.reset_faults()
 
 
 @pytest.fixture
@@ -596,3 +597,92 @@ def test_https_with_the_throwaway_ca(tmp_path: Path) -> None:
             assert archives[0]["api_url"].startswith(fake.api_url)
             with pytest.raises(httpx.ConnectError):
                 httpx.get(fake.api_url + "gcapi/")  # the system store does not trust it
+
+
+# --------------------------------------------------------------------------- fault injection
+
+
+def test_fail_next_answers_exact_errors_with_retry_after(
+    api: httpx.Client, gc: GrandChallengeFake
+) -> None:
+    gc.api_faults.configure(fail_next=2, error_statuses=(429,), retry_after=7)
+    statuses = [api.get("archives/") for _ in range(3)]
+    assert [r.status_code for r in statuses] == [429, 429, 200]
+    assert statuses[0].headers["retry-after"] == "7"
+    assert statuses[0].headers["content-type"] == "application/json"
+    assert gc.api_faults.injected["error"] == 2
+    assert gc.log.count("archives") >= 1
+
+
+def test_error_rates_are_seeded_and_repeatable(api: httpx.Client, gc: GrandChallengeFake) -> None:
+    def run() -> list[int]:
+        gc.reset_faults()
+        gc.api_faults.configure(error_rate=0.5, error_statuses=(429, 500, 502, 503))
+        return [api.get("gcapi/").status_code for _ in range(24)]
+
+    first = run()
+    assert first == run()
+    assert 200 in first
+    assert len(set(first)) > 2
+
+
+def test_faults_apply_only_where_the_path_pattern_matches(
+    api: httpx.Client, storage: httpx.Client, gc: GrandChallengeFake
+) -> None:
+    gc.storage_faults.configure(outage=True, path_pattern=r"\.pdf$")
+    report = signed_url(api, value_at(api, "demo-medical", "files/report.pdf")["file"])
+    table = signed_url(api, value_at(api, "demo-medical", "predictions.csv")["file"])
+    down = storage.get(report)
+    assert (down.status_code, "retry-after" in down.headers) == (503, False)
+    assert storage.get(table).status_code == 200
+    gc.storage_faults.configure(outage=False)
+    assert storage.get(report).status_code == 200
+
+
+def test_cut_bodies_drop_the_connection_half_way(
+    api: httpx.Client, storage: httpx.Client, gc: GrandChallengeFake
+) -> None:
+    url = signed_url(api, value_at(api, "demo-large", "predictions.zip")["file"])
+    gc.storage_faults.configure(cut_rate=1.0)
+    received = b""
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        storage.stream("GET", url, headers={"Range": "bytes=0-4194303"}) as response,
+    ):
+        for chunk in response.iter_bytes():
+            received += chunk
+    assert received == pattern(20_240_601, 0, 2 * 1024 * 1024)
+    assert gc.storage_faults.injected["cut"] == 1
+
+
+def test_stalls_and_latency_delay_the_answer(
+    api: httpx.Client, storage: httpx.Client, gc: GrandChallengeFake
+) -> None:
+    url = signed_url(api, value_at(api, "demo-medical", "files/report.pdf")["file"])
+    gc.storage_faults.configure(stall_rate=1.0, stall_seconds=2.0)
+    with pytest.raises(httpx.ReadTimeout):
+        storage.get(url, timeout=0.3)
+    gc.storage_faults.configure(stall_rate=0.0, latency=0.3)
+    start = time.monotonic()
+    assert storage.get(url).status_code == 200
+    assert time.monotonic() - start >= 0.3
+
+
+def test_etag_generation_makes_objects_look_replaced(
+    api: httpx.Client, storage: httpx.Client, gc: GrandChallengeFake
+) -> None:
+    url = signed_url(api, value_at(api, "demo-medical", "files/report.pdf")["file"])
+    old = storage.get(url, headers={"Range": "bytes=0-0"})
+    gc.storage_faults.configure(etag_generation=1)
+    new = storage.get(url, headers={"Range": "bytes=0-0"})
+    assert new.headers["etag"] == old.headers["etag"][:-1] + '-g1"'
+    assert new.headers["last-modified"] != old.headers["last-modified"]
+    assert new.content == old.content  # only the validators change
+
+    def status(if_range: str) -> int:
+        return storage.get(url, headers={"Range": "bytes=0-9", "If-Range": if_range}).status_code
+
+    assert status(old.headers["etag"]) == 200
+    assert status(old.headers["last-modified"]) == 200
+    assert status(new.headers["etag"]) == 206
+    assert status(new.headers["last-modified"]) == 206
