@@ -26,9 +26,18 @@ def describe(services: DemoServices) -> list[str]:
             f"export GRAND_CHALLENGE_API_URL={gc.api_url}",
             f"export GRAND_CHALLENGE_AUTHORIZATION={gc.token}",
         ]
-        if gc.ca_file is not None:
-            lines.append(f"export SSL_CERT_FILE={gc.ca_file}")
-    # >>> Scenario wiring: describe services.scenario here. <<<
+    if services.scenario is not None:
+        scenario = services.scenario
+        lines += [
+            f"# Scenario API {scenario.api_url} (CDN {scenario.cdn_url})",
+            f"export SCENARIO_BASE_URL={scenario.api_url}",
+            f"export SCENARIO_SDK_API_KEY={scenario.key}",
+            f"export SCENARIO_SDK_API_SECRET={scenario.secret}",
+            f"export SCENARIO_PROJECT_ID={scenario.project_id}",
+        ]
+    # Both fakes share one throwaway CA (start_demo_services makes a single set of TLS files).
+    ca_files = {fake.ca_file for fake in (services.gc, services.scenario) if fake is not None}
+    lines += [f"export SSL_CERT_FILE={ca}" for ca in ca_files if ca is not None]
     return lines
 
 
