@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from fsmount.demo.gc_samples import Archive, Image, Item, Payload, SampleData, Value
+from fsmount.demo.gc_samples import Archive, ExpectedFile, Image, Item, SampleData, Value
 from fsmount.demo.httpcommon import (
     FaultInjector,
     RequestLog,
@@ -110,8 +110,10 @@ class GrandChallengeFake:
     """Both servers of the fake (API host and storage origin) and the knobs tests turn.
 
     One `log` records both servers; storage requests have the kind "storage". Knobs are plain
-    attributes, read on every request, so setting them from a test thread takes effect at once.
-    `api_faults` and `storage_faults` (`FaultInjector`) make either server misbehave.
+    attributes, read on every request, so setting them from a test thread takes effect at once:
+    `url_expiry` (seconds a new signed storage URL stays valid) and `unstable_order` (item
+    pages overlap and reorder, see `_unstable_pick`). `api_faults` and `storage_faults`
+    (`FaultInjector`) make either server misbehave.
     """
 
     def __init__(self, *, tls: TlsFiles | None = None, key_pair_id: str = "K2JCJMDEHXQW5F") -> None:
@@ -141,7 +143,7 @@ class GrandChallengeFake:
         """Every archive, private ones included, in the server's order."""
         return [archive.slug for archive in self.data.archives]
 
-    def expected_archive(self, slug: str) -> dict[str, Payload]:
+    def expected_archive(self, slug: str) -> dict[str, ExpectedFile]:
         """The files fsmount must show under `grand-challenge/<slug>/` (paths use '/')."""
         return self.data.expected_tree(slug)[0]
 
