@@ -251,8 +251,10 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
             elif opt.key in file_values:
                 value, source = file_values[opt.key], f"{opt.key} in {path}"
             else:
-                values[attr] = opt.default
-                continue
+                value, source = opt.default, f"the default of {opt.flag}"
+                if not isinstance(value, str):
+                    values[attr] = value
+                    continue
             values[attr] = _coerce(opt, value)
         except (ValueError, TypeError) as exc:
             raise StartupError(f"bad value for {source}: {exc}") from None
