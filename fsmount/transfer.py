@@ -20,7 +20,9 @@ import email.utils
 import errno
 import json
 import logging
+import os
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -61,6 +63,11 @@ class TransferStats:
     bytes_fetched: int = 0
     url_resolves: int = 0
     errors: int = 0
+
+
+def tls_context() -> ssl.SSLContext:
+    """The system trust store, or the CA bundle `SSL_CERT_FILE` names (as curl and git do)."""
+    return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or None)
 
 
 def redact(url: str) -> str:
@@ -192,6 +199,7 @@ class ApiClient:
             timeout=httpx.Timeout(policy.stall_timeout, connect=policy.connect_timeout),
             limits=httpx.Limits(max_connections=policy.max_connections),
             follow_redirects=False,
+            verify=tls_context(),
             transport=transport,
         )
 
@@ -297,6 +305,7 @@ class Storage:
                 max_keepalive_connections=policy.max_connections,
             ),
             follow_redirects=True,
+            verify=tls_context(),
             transport=transport,
         )
         self._urls: dict[str, tuple[str, float]] = {}  # blob key -> (url, reuse until)
