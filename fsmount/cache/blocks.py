@@ -58,7 +58,7 @@ _BLOCK_NAME = re.compile("[0-9a-f]{32}-[0-9]+")
 _READAHEAD_CHUNK = 4 << 20  # bytes per readahead request (rounded to whole blocks)
 _TOUCH_INTERVAL = 600.0  # seconds between mtime updates of a block file that keeps being read
 _STREAMS = 1024  # keys whose sequential-read state is remembered
-_EVICTION_BATCH = 64  # unlinks between checkpoints when trimming after a scan
+_EVICTION_BATCH = 64  # files deleted per worker-thread call when trimming to the budget
 _IO_THREADS = 4
 
 
@@ -554,19 +554,24 @@ class BlockStore:
         unused since it started were evicted by someone else and are forgotten.
         """
         on_disk = {name for _, name, _ in found}
-        for name, entry in list(self._index.items()):
-            if name not in on_disk and entry.used < started and name not in self._pins:
-                self._forget(name)
-        known = [(entry.used, name, entry) for name, entry in self._index.items()]
+        gone = [
+            name
+            for name, entry in self._index.items()
+            if name not in on_disk and entry.used < started and name not in self._pins
+        ]
+        for name in gone:
+            self._forget(name)
         unknown = [
             (mtime, name, _Entry(size, mtime, mtime))
             for mtime, name, size in found
             if name not in self._index and name not in self._doomed
         ]
-        self._index = OrderedDict(
-            (name, entry) for _, name, entry in heapq.merge(unknown, known, key=lambda t: t[0])
-        )
-        self._total = sum(entry.size for entry in self._index.values())
+        if not unknown:  # the usual case with one process: the order stands as it is
+            return
+        known = [(entry.used, name, entry) for name, entry in self._index.items()]
+        merged = heapq.merge(unknown, known, key=lambda item: item[0])
+        self._index = OrderedDict((name, entry) for _, name, entry in merged)
+        self._total += sum(entry.size for _, _, entry in unknown)
 
     def _remember(self, name: str, data: bytes) -> None:
         """Keep verified bytes in memory, so a sequential reader's eight 128 KiB reads of one
@@ -717,14 +722,20 @@ class BlockStore:
         await started.wait()
 
     async def _maintain(self) -> None:
-        """Clean up after dead processes, learn what is on disk, and keep re-learning it."""
+        """Clean up after dead processes, learn what is on disk, and keep re-learning it.
+
+        A huge cache is scanned less often than `rescan_interval`, so that scanning never
+        takes more than about 5% of the time.
+        """
         await trio.to_thread.run_sync(_remove_dead_leftovers, self._dir, limiter=self._io)
         while True:
+            started = trio.current_time()
             try:
                 await self.rescan()
             except OSError as exc:
                 log.warning("could not scan the block cache %s: %s", self._dir, exc)
-            await trio.sleep(self._rescan_interval)
+            elapsed = trio.current_time() - started
+            await trio.sleep(max(self._rescan_interval, 20 * elapsed))
 
 
 # -- what `fsmount cache` needs, without a running store ------------------------------------
