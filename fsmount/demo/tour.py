@@ -35,7 +35,8 @@ def _tour(mountpoint: Path) -> None:
             for entry in sorted(os.listdir(base)):
                 count = len(os.listdir(base / entry))
                 out.append(f"    {entry}/  ({count} entries)")
-        sample = _first_file(mountpoint / "grand-challenge", depth=4)
+        gc = mountpoint / "grand-challenge"
+        sample = _first_file(gc / "demo-medical", depth=2) or _first_file(gc, depth=4)
         if sample is not None:
             out.append(f"\n  {sample.relative_to(mountpoint.parent)}:")
             out.append(
@@ -44,6 +45,8 @@ def _tour(mountpoint: Path) -> None:
     except OSError as exc:
         out.append(f"  (could not list the mount: {exc})")
     rel = os.path.relpath(mountpoint)
+    if rel.startswith(".."):
+        rel = str(mountpoint)
     out += [
         "\nTry, in another terminal:",
         f"  ls -lR {rel}/grand-challenge | head -40",
