@@ -475,7 +475,9 @@ class BlockStore:
             try:
                 os.utime(self._path(name))
             except FileNotFoundError:
-                self._forget(name)
+                self._forget(name)  # another process evicted it
+            except OSError as exc:  # e.g. a read-only cache directory: reads must still work
+                log.debug("could not touch cache block %s: %s", name, exc)
 
     def _adopt(self, name: str, size: int, mtime: float) -> None:
         """Account for a block file found on disk (the caller trims to the budget after)."""
