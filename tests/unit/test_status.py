@@ -1,0 +1,346 @@
+"""`fsmount status` and `/metrics`: socket location, the socket round trip, both renderings."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from fsmount import status
+
+SAMPLE: dict[str, Any] = {
+    "mountpoint": "/mnt/fsmount/lab",
+    "pid": 4242,
+    "started": 1_700_000_000.0,
+    "services": [
+        {"name": "grand-challenge", "api": "https://grand-challenge.org/api/v1/"},
+        {"name": "scenario", "api": "https://api.cloud.scenario.com/v1"},
+    ],
+    "cache": {
+        "dir": "/var/cache/fsmount/lab",
+        "bytes": 3 << 30,
+        "blocks": 768,
+        "budget": 10 << 30,
+        "hits": 900,
+        "misses": 100,
+        "bytes_fetched": 5 << 30,
+        "downloads_in_flight": 2,
+    },
+    "http": {
+        "requests": 1234,
+        "retries": 7,
+        "errors": 1,
+        "bytes_fetched": (5 << 30) + 12345,
+        "url_resolves": 56,
+        "by_status": {"200": 300, "206": 930, "503": 4},
+    },
+    "fuse": {"bytes_served": 6 << 30, "reads": 50_000, "errors": 3},
+}
+
+
+def run_with_server(
+    server: Callable[..., Awaitable[None]], *args: Any, client: Callable[[Any], Any]
+) -> Any:
+    """Start `server` under trio, run the blocking `client(started_value)` in a thread, stop."""
+
+    async def main() -> Any:
+        async with trio.open_nursery() as nursery:
+            started = await nursery.start(server, *args)
+            result = await trio.to_thread.run_sync(client, started)
+            nursery.cancel_scope.cancel()
+        return result
+
+    return trio.run(main)
+
+
+@pytest.fixture
+def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    directory = tmp_path / "run"
+    monkeypatch.setenv(status.RUNTIME_DIR_ENV, str(directory))
+    return directory
+
+
+# --- where the socket is ------------------------------------------------------------------------
+
+
+def test_root_uses_run_fsmount_whatever_its_shell_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A system unit (no XDG_RUNTIME_DIR) and root's login shell must find the same socket."""
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    service = status.status_dirs({})
+    shell = status.status_dirs({"XDG_RUNTIME_DIR": "/run/user/0", "XDG_CACHE_HOME": "/x"})
+    assert service[0] == shell[0] == Path("/run/fsmount")
+
+
+def test_a_user_prefers_the_runtime_dir_then_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 54321)  # no /run/user/54321 here
+    dirs = status.status_dirs({"XDG_RUNTIME_DIR": "/run/user/54321", "XDG_CACHE_HOME": "/c"})
+    assert dirs == [Path("/run/user/54321/fsmount"), Path("/c/fsmount/run")]
+    assert status.status_dirs({"XDG_CACHE_HOME": "/c"}) == [Path("/c/fsmount/run")]
+
+
+def test_the_override_is_the_only_candidate() -> None:
+    assert status.status_dirs({status.RUNTIME_DIR_ENV: "/tmp/x"}) == [Path("/tmp/x")]
+
+
+def test_one_mount_point_spelled_differently_has_one_socket(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    env = {status.RUNTIME_DIR_ENV: "/run/x"}
+    same = {
+        status.socket_path(tmp_path / "real" / "mnt", env),
+        status.socket_path(tmp_path / "link" / "mnt", env),
+        status.socket_path(tmp_path / "real" / "sub" / ".." / "mnt", env),
+    }
+    assert len(same) == 1
+    assert status.socket_path(tmp_path / "real" / "other", env) not in same
+    (path,) = same
+    assert path.parent == Path("/run/x") and path.name.endswith(".sock")
+
+
+def test_a_socket_path_too_long_for_af_unix_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 54321)
+    env = {"XDG_RUNTIME_DIR": "/" + "r" * 120, "XDG_CACHE_HOME": "/tmp"}
+    assert status.socket_path(Path("/mnt/x"), env).parent == Path("/tmp/fsmount/run")
+
+
+def test_running_mounts_reads_fuse_fsmount_entries_only(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "22 1 0:21 / /proc rw,nosuid - proc proc rw\n"
+        "90 22 0:50 / /mnt/with\\040space ro,nosuid shared:1 - fuse.fsmount fsmount"
+        " ro,user_id=0,group_id=0,default_permissions\n"
+        "91 22 0:51 / /home/u/lab ro - fuse.fsmount fsmount ro,user_id=1000,group_id=1000\n"
+        "92 22 0:52 / /mnt/sshfs rw - fuse.sshfs host: rw,user_id=0,group_id=0\n"
+    )
+    everyone = status.running_mounts(mountinfo=str(info))
+    assert everyone == [Path("/mnt/with space"), Path("/home/u/lab")]
+    assert status.running_mounts(owner=1000, mountinfo=str(info)) == [Path("/home/u/lab")]
+
+
+# --- the socket ---------------------------------------------------------------------------------
+
+
+def test_status_round_trip_through_a_private_socket(runtime_dir: Path, tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    path = status.socket_path(mountpoint)
+
+    def client(started: Path) -> dict[str, Any]:
+        assert started == path
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+        return status.query(mountpoint)
+
+    assert run_with_server(status.serve_status, path, lambda: SAMPLE, client=client) == SAMPLE
+    assert not path.exists(), "the socket is removed when the server stops"
+
+
+def test_a_stale_socket_of_a_crashed_mount_is_replaced(runtime_dir: Path, tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    path = status.socket_path(mountpoint)
+    path.parent.mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(path))  # bound, never listening: what a killed mount leaves
+        with pytest.raises(status.StatusError, match="not running"):
+            status.query(mountpoint)
+        got = run_with_server(
+            status.serve_status, path, lambda: {"pid": 1}, client=lambda _: status.query(mountpoint)
+        )
+    assert got == {"pid": 1}
+
+
+def test_query_names_a_mount_without_a_socket(runtime_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(status.StatusError, match=r"no status socket for .*nowhere"):
+        status.query(tmp_path / "nowhere")
+
+
+def test_a_failing_collect_is_reported_and_the_server_keeps_going(
+    runtime_dir: Path, tmp_path: Path
+) -> None:
+    mountpoint = tmp_path / "mnt"
+    answers = iter([RuntimeError("boom"), SAMPLE])
+
+    def collect() -> dict[str, Any]:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def client(_: Path) -> dict[str, Any]:
+        with pytest.raises(status.StatusError, match=r"cannot collect the status.*boom"):
+            status.query(mountpoint)
+        return status.query(mountpoint)
+
+    got = run_with_server(
+        status.serve_status, status.socket_path(mountpoint), collect, client=client
+    )
+    assert got == SAMPLE
+
+
+def test_status_command_prints_every_named_mount_and_fails_for_a_missing_one(
+    runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mountpoint = tmp_path / "mnt"
+
+    def client(_: Path) -> tuple[int, str, int, str]:
+        table, lines = io.StringIO(), io.StringIO()
+        code_table = status.command([str(mountpoint)], out=table)
+        code_json = status.command(
+            [str(mountpoint), str(tmp_path / "gone")], as_json=True, out=lines
+        )
+        return code_table, table.getvalue(), code_json, lines.getvalue()
+
+    code_table, table, code_json, lines = run_with_server(
+        status.serve_status, status.socket_path(mountpoint), lambda: SAMPLE, client=client
+    )
+    assert code_table == 0 and "fsmount at /mnt/fsmount/lab" in table
+    assert code_json == 1, "a mount that does not answer makes the health check fail"
+    assert [json.loads(line) for line in lines.splitlines()] == [SAMPLE]
+    assert "no status socket for" in capsys.readouterr().err
+
+
+def test_status_command_without_mounts_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(status, "running_mounts", lambda owner=None: [])
+    with pytest.raises(status.StatusError, match="no fsmount mount"):
+        status.command([])
+
+
+# --- /metrics -----------------------------------------------------------------------------------
+
+
+def test_metrics_endpoint_serves_prometheus_text_on_loopback() -> None:
+    def client(port: int) -> list[httpx.Response]:
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(timeout=10) as http:
+            return [
+                http.get(f"{base}/metrics"),
+                http.get(f"{base}/metrics?name[]=x"),
+                http.head(f"{base}/metrics"),
+                http.get(f"{base}/"),
+                http.post(f"{base}/metrics"),
+            ]
+
+    ok, with_query, head, not_found, post = run_with_server(
+        status.serve_metrics, 0, lambda: SAMPLE, client=client
+    )
+    assert ok.status_code == 200
+    assert ok.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert ok.text == status.prometheus(SAMPLE)
+    assert with_query.text == ok.text
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(ok.content))
+    assert not_found.status_code == 404
+    assert post.status_code == 405 and post.headers["allow"] == "GET, HEAD"
+
+
+def test_metrics_listen_on_loopback_only() -> None:
+    async def main() -> str:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(status.serve_metrics, 0, lambda: SAMPLE)
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                host = conn.getpeername()[0]
+            nursery.cancel_scope.cancel()
+        return host
+
+    assert trio.run(main) == "127.0.0.1"
+
+
+# --- renderings ---------------------------------------------------------------------------------
+
+
+def families(text: str) -> dict[str, Any]:
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def test_prometheus_exposes_every_counter_with_its_type() -> None:
+    parsed = families(status.prometheus(SAMPLE))
+    for metric in status.METRICS:
+        # the parser drops a counter's _total suffix from the family name
+        family = parsed[metric.name.removesuffix("_total")]
+        assert family.type == metric.kind
+        (sample,) = family.samples
+        assert sample.value == SAMPLE[metric.section][metric.key]
+    responses = parsed["fsmount_http_responses"]
+    assert {s.labels["code"]: s.value for s in responses.samples} == {
+        "200": 300,
+        "206": 930,
+        "503": 4,
+    }
+    services = parsed["fsmount_service_info"].samples
+    assert [(s.labels["service"], s.labels["api"]) for s in services] == [
+        (s["name"], s["api"]) for s in SAMPLE["services"]
+    ]
+    assert parsed["fsmount_start_time_seconds"].samples[0].value == SAMPLE["started"]
+    assert parsed["fsmount_info"].samples[0].labels == {"mountpoint": "/mnt/fsmount/lab"}
+
+
+def test_prometheus_text_is_exact_for_a_small_document() -> None:
+    document = {"mountpoint": '/mnt/"q"\\x', "fuse": {"reads": 3, "errors": 0}}
+    assert status.prometheus(document) == (
+        "# HELP fsmount_info the mount this process serves\n"
+        "# TYPE fsmount_info gauge\n"
+        'fsmount_info{mountpoint="/mnt/\\"q\\"\\\\x"} 1\n'
+        "# HELP fsmount_fuse_reads_total read requests answered\n"
+        "# TYPE fsmount_fuse_reads_total counter\n"
+        "fsmount_fuse_reads_total 3\n"
+        "# HELP fsmount_fuse_errors_total requests answered with an error\n"
+        "# TYPE fsmount_fuse_errors_total counter\n"
+        "fsmount_fuse_errors_total 0\n"
+    )
+    assert families(status.prometheus(document))["fsmount_info"].samples[0].labels == {
+        "mountpoint": '/mnt/"q"\\x'
+    }
+
+
+def test_missing_figures_are_left_out_not_shown_as_zero() -> None:
+    assert status.prometheus({}) == ""
+    text = status.prometheus({"cache": {"hits": 5, "misses": "n/a"}, "http": {"by_status": {}}})
+    assert set(families(text)) == {"fsmount_cache_hits"}
+    assert "misses" not in status.render({"cache": {"hits": 5}}, now=0)
+
+
+def test_render_is_a_plain_table_for_people() -> None:
+    text = status.render(SAMPLE, now=SAMPLE["started"] + 2 * 3600 + 3 * 60)
+    assert "\x1b[" not in text, "no colour codes when not on a terminal"
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    expected = [
+        "fsmount at /mnt/fsmount/lab",
+        "pid 4242",
+        "grand-challenge https://grand-challenge.org/api/v1/",
+        "scenario https://api.cloud.scenario.com/v1",
+        "cache directory /var/cache/fsmount/lab",
+        "disk cache",
+        "bytes held in the disk cache 3.0 GiB",
+        "disk cache budget 10.0 GiB",
+        "block reads served from the cache 900",
+        "hit rate 90.0%",
+        "downloads in progress 2",
+        "HTTP requests sent 1,234",
+        "bytes received over HTTP 5.0 GiB",
+        "responses by status 200: 300, 206: 930, 503: 4",
+        "readers",
+        "bytes returned to readers 6.0 GiB",
+        "read requests answered 50,000",
+        "requests answered with an error 3",
+    ]
+    for line in expected:
+        assert line in lines, f"{line!r} not in:\n{text}"
+    assert any(line.startswith("up 2h 03m (since ") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (3 << 30, "3.0 GiB"), (5 << 40, "5.0 TiB")],
+)
+def test_sizes_are_shown_in_binary_units(n: int, text: str) -> None:
+    assert status.format_size(n) == text
