@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 from fsmount.content import Content
-from fsmount.errors import FetchError
+from fsmount.errors import ContentChanged, FetchError
 from fsmount.tree import Directory, File, Node
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,22 @@ class Operations(pyfuse3.Operations):
         node = self._file_handles.get(fh)
         if node is None or node.blob is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return await self._content.read(node.blob, off, size)
+        try:
+            return await self._content.read(node.blob, off, size)
+        except ContentChanged:
+            # Pages of the old version may sit in the kernel's cache: drop them, but only
+            # after this request is answered (invalidating from inside a handler can block).
+            inode = self._inodes.get(node.path)
+            if inode is not None:
+                trio.lowlevel.spawn_system_task(self._drop_page_cache, inode)
+            raise
+
+    @staticmethod
+    async def _drop_page_cache(inode: int) -> None:
+        try:
+            pyfuse3.invalidate_inode(inode, attr_only=False)
+        except Exception as exc:  # the kernel may have forgotten the inode: nothing to drop
+            log.debug("invalidating inode %d: %s", inode, exc)
 
     async def release(self, fh: int) -> None:
         self._file_handles.pop(fh, None)

@@ -39,6 +39,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from fsmount.demo.httpcommon import (
+    FaultInjector,
     RequestLog,
     RunningServer,
     TlsFiles,
@@ -133,9 +134,11 @@ class ScenarioFake:
         self._hit_urls: set[str] = set()
         self._hops = itertools.count(1)
         self._traces = itertools.count(1)
-        self._cdn: RunningServer = start_server(self._cdn_app(), tls=tls)
+        self.api_faults = FaultInjector(self._api_app(), seed=3)
+        self.cdn_faults = FaultInjector(self._cdn_app(), seed=4)
+        self._cdn: RunningServer = start_server(self.cdn_faults, tls=tls)
         try:
-            self._api: RunningServer = start_server(self._api_app(), tls=tls)
+            self._api: RunningServer = start_server(self.api_faults, tls=tls)
         except BaseException:
             self._cdn.stop()
             raise
@@ -158,6 +161,11 @@ class ScenarioFake:
 
     def reset_counters(self) -> None:
         self.log.reset()
+
+    def reset_faults(self) -> None:
+        """Both servers back to well-behaved (`api_faults`, `cdn_faults`), generators reseeded."""
+        self.api_faults.reset()
+        self.cdn_faults.reset()
 
     def stop(self) -> None:
         self._api.stop()
