@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import stat
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from fsmount import status
+from fsmount.errors import StartupError
 
 SAMPLE: dict[str, Any] = {
     "mountpoint": "/mnt/fsmount/lab",
@@ -213,6 +215,65 @@ def test_status_command_without_mounts_says_so(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(status, "running_mounts", lambda owner=None: [])
     with pytest.raises(status.StatusError, match="no fsmount mount"):
         status.command([])
+
+
+def test_clients_that_hang_up_early_do_not_stop_the_server(
+    runtime_dir: Path, tmp_path: Path
+) -> None:
+    """A status or metrics client must never take the mount down with it."""
+    mountpoint = tmp_path / "mnt"
+
+    def rude(address: Any, family: int) -> None:
+        for _ in range(5):
+            with socket.socket(family, socket.SOCK_STREAM) as conn:
+                conn.connect(address)
+                # reset instead of a clean close: the server's send fails with ECONNRESET
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    def status_client(path: Path) -> dict[str, Any]:
+        rude(str(path), socket.AF_UNIX)
+        return status.query(mountpoint)
+
+    got = run_with_server(
+        status.serve_status, status.socket_path(mountpoint), lambda: SAMPLE, client=status_client
+    )
+    assert got == SAMPLE
+
+    def metrics_client(port: int) -> int:
+        rude(("127.0.0.1", port), socket.AF_INET)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the rest of the head
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code
+
+    assert run_with_server(status.serve_metrics, 0, lambda: SAMPLE, client=metrics_client) == 200
+
+
+def test_no_status_socket_is_logged_and_the_mount_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "file").write_text("")
+    blocked = tmp_path / "file" / "run" / "x.sock"  # its directory cannot be made
+
+    async def main() -> Path | None:
+        async with trio.open_nursery() as nursery:
+            return await nursery.start(status.serve_status, blocked, lambda: SAMPLE)
+
+    assert trio.run(main) is None
+    assert "fsmount status will not work" in caplog.text
+
+
+def test_a_metrics_port_in_use_is_a_startup_error() -> None:
+    async def main() -> None:
+        listeners = await status.open_metrics_listeners(0)
+        port = listeners[0].socket.getsockname()[1]
+        try:
+            with pytest.raises(StartupError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+                await status.open_metrics_listeners(port)
+        finally:
+            for listener in listeners:
+                await listener.aclose()
+
+    trio.run(main)
 
 
 # --- /metrics -----------------------------------------------------------------------------------
