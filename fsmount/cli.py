@@ -13,6 +13,7 @@ from pathlib import Path
 import trio
 
 from fsmount import config
+from fsmount.cache import commands as cache_commands
 from fsmount.errors import StartupError
 
 log = logging.getLogger("fsmount")
@@ -116,6 +117,10 @@ def cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return run_demo(Path(args.mountpoint))
 
 
+def cmd_cache(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    return cache_commands.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fsmount",
@@ -143,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="mount the built-in demo services")
     demo.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", default="demo-mnt")
     demo.set_defaults(func=cmd_demo)
+
+    cache = commands.add_parser("cache", help="what the disk cache holds; empty it; fill it ahead")
+    cache_commands.add_arguments(cache)
+    cache.set_defaults(func=cmd_cache)
     return parser
 
 
