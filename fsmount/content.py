@@ -78,10 +78,17 @@ class Content:
                 if isinstance(blob, RemoteBlob) and self._known(blob) is None:
                     nursery.start_soon(one, blob)
 
-    async def read(self, blob: Blob, offset: int, length: int) -> bytes:
+    async def read(
+        self, blob: Blob, offset: int, length: int, version: BlobStat | None = None
+    ) -> bytes:
+        """Bytes of `blob`, of the given `version` (what the reader's open saw) if given.
+
+        A version that is gone fails with ContentChanged (EIO) for good: a reader never gets
+        bytes of two versions through one open file.
+        """
         if isinstance(blob, InlineBlob):
             return blob.data[offset : offset + length]
-        st = await self.stat(blob)
+        st = version or await self.stat(blob)
         if offset >= st.size or length <= 0:
             return b""
 

@@ -20,8 +20,9 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from fsmount.blob import BlobStat
 from fsmount.content import Content
-from fsmount.errors import ContentChanged, FetchError
+from fsmount.errors import FetchError
 from fsmount.tree import Directory, File, Node
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ class Operations(pyfuse3.Operations):
         self._next_inode = itertools.count(pyfuse3.ROOT_INODE + 1)
         self._next_fh = itertools.count(1)
         self._dir_handles: dict[int, list[tuple[bytes, Node, pyfuse3.EntryAttributes]]] = {}
-        self._file_handles: dict[int, File] = {}
+        self._file_handles: dict[int, tuple[File, BlobStat]] = {}
+        self._opened_versions: dict[int, BlobStat] = {}
 
     # ----- inode bookkeeping -------------------------------------------------------------
 
@@ -116,6 +118,7 @@ class Operations(pyfuse3.Operations):
                     self._lookups[inode] = max(left, 0)
                     continue
                 self._lookups.pop(inode, None)
+                self._opened_versions.pop(inode, None)
                 node = self._nodes.pop(inode, None)
                 self._parents.pop(inode, None)
                 if node is not None:
@@ -232,33 +235,25 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if flags & WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
-        if not isinstance(node, File):
+        if not isinstance(node, File) or node.blob is None:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        # The kernel keeps a file's pages across opens, unless told otherwise: it is told so
+        # when the remote version changed since the last open (no notification needed, so
+        # nothing can deadlock against a reader holding those pages).
+        version = await self._content.stat(node.blob)
+        keep = self._opened_versions.get(inode, version) == version
+        self._opened_versions[inode] = version
         fh = next(self._next_fh)
-        self._file_handles[fh] = node
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        self._file_handles[fh] = (node, version)  # reads of this handle stay on this version
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        node = self._file_handles.get(fh)
-        if node is None or node.blob is None:
+        handle = self._file_handles.get(fh)
+        if handle is None or handle[0].blob is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        try:
-            return await self._content.read(node.blob, off, size)
-        except ContentChanged:
-            # Pages of the old version may sit in the kernel's cache: drop them, but only
-            # after this request is answered (invalidating from inside a handler can block).
-            inode = self._inodes.get(node.path)
-            if inode is not None:
-                trio.lowlevel.spawn_system_task(self._drop_page_cache, inode)
-            raise
-
-    @staticmethod
-    async def _drop_page_cache(inode: int) -> None:
-        try:
-            pyfuse3.invalidate_inode(inode, attr_only=False)
-        except Exception as exc:  # the kernel may have forgotten the inode: nothing to drop
-            log.debug("invalidating inode %d: %s", inode, exc)
+        node, version = handle
+        return await self._content.read(node.blob, off, size, version)
 
     async def release(self, fh: int) -> None:
         self._file_handles.pop(fh, None)
