@@ -23,11 +23,8 @@ READY_FD_ENV = "FSMOUNT_READY_FD"
 
 def setup_logging(level: str, verbosity: int = 0) -> None:
     """Log to stderr; journald adds its own timestamps, so none under systemd."""
-    levels = ["debug", "info", "warning", "error"]
-    name = level.lower()
-    if name not in levels:
-        raise StartupError(f"bad log level {level!r}: use one of {', '.join(levels)}")
-    index = min(max(levels.index(name) - verbosity, 0), len(levels) - 1)
+    levels = config.LOG_LEVELS
+    index = min(max(levels.index(level) - verbosity, 0), len(levels) - 1)
     fmt = "%(levelname)s %(name)s: %(message)s"
     if not os.environ.get("JOURNAL_STREAM"):
         fmt = "%(asctime)s " + fmt
@@ -111,6 +108,12 @@ def cmd_unmount(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 1
 
 
+def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from fsmount import status
+
+    return status.command(args.mountpoints, as_json=args.json)
+
+
 def cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from fsmount.demo.tour import run_demo
 
@@ -144,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     unmount = commands.add_parser("unmount", help="unmount (lazily when busy)")
     unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
     unmount.set_defaults(func=cmd_unmount)
+
+    status_cmd = commands.add_parser(
+        "status", help="what running mounts are doing (exit 1 if one does not answer)"
+    )
+    status_cmd.add_argument("mountpoints", metavar="MOUNTPOINT", nargs="*")
+    status_cmd.add_argument("--json", action="store_true", help="one JSON document per line")
+    status_cmd.set_defaults(func=cmd_status)
 
     demo = commands.add_parser("demo", help="mount the built-in demo services")
     demo.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", default="demo-mnt")

@@ -8,6 +8,7 @@ environment variables the official clients read.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import tomllib
@@ -18,6 +19,7 @@ from typing import Any
 
 from fsmount.errors import StartupError
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -31,9 +33,24 @@ def parse_size(text: str) -> int:
 
 def parse_seconds(text: str) -> float:
     value = float(text)
-    if value <= 0:
-        raise ValueError(f"must be positive: {text!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a positive number of seconds: {text!r}")
     return value
+
+
+def parse_port(text: str) -> int:
+    """A TCP port to listen on, 1-65535."""
+    port = int(text)
+    if not 0 < port < 65536:
+        raise ValueError(f"not a TCP port: {text!r}")
+    return port
+
+
+def parse_log_level(text: str) -> str:
+    level = text.strip().lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"not a log level: {text!r} (use {', '.join(LOG_LEVELS)})")
+    return level
 
 
 def parse_bool(text: str) -> bool:
@@ -173,11 +190,20 @@ OPTIONS: tuple[Option, ...] = (
         "let other users see the mount (permissions still apply: default_permissions)",
     ),
     Option(
+        "metrics-port",
+        "--metrics-port",
+        "FSMOUNT_METRICS_PORT",
+        None,
+        parse_port,
+        "serve Prometheus metrics at http://127.0.0.1:PORT/metrics (default: off)",
+        metavar="PORT",
+    ),
+    Option(
         "log-level",
         "--log-level",
         "FSMOUNT_LOG_LEVEL",
         "info",
-        str,
+        parse_log_level,
         "debug, info, warning or error",
         metavar="LEVEL",
     ),
@@ -199,6 +225,7 @@ class Config:
     timeout: float
     dir_cache_time: float
     allow_other: bool
+    metrics_port: int | None
     log_level: str
 
     @property
@@ -267,7 +294,7 @@ def _coerce(opt: Option, value: Any) -> Any:
         return tuple(opt.parse(str(v)) for v in items)
     if isinstance(value, bool) and opt.key in BOOLEAN_KEYS:
         return value
-    if isinstance(value, int | float) and opt.parse in (parse_seconds, parse_size):
+    if isinstance(value, int | float) and opt.parse in (parse_seconds, parse_size, parse_port):
         return opt.parse(str(value))
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {value!r}")
@@ -304,7 +331,10 @@ def grand_challenge_token_source(
 ) -> Callable[[], str] | None:
     """How to (re-)read the Grand Challenge token, or None when none is configured."""
     environ = os.environ if environ is None else environ
-    path = cfg.grand_challenge_token_file or _credential_path(environ, "grand-challenge-token")
+    token = environ.get("GRAND_CHALLENGE_AUTHORIZATION", "").strip()
+    path = cfg.grand_challenge_token_file
+    if not path and not token:
+        path = _credential_path(environ, "grand-challenge-token")
     if path:
 
         def from_file() -> str:
@@ -314,7 +344,6 @@ def grand_challenge_token_source(
             return lines[0].split()[-1]  # the token, optionally after "Bearer "
 
         return from_file
-    token = environ.get("GRAND_CHALLENGE_AUTHORIZATION", "").strip()
     if token:
         return lambda: token.split()[-1]
     return None
@@ -325,7 +354,11 @@ def scenario_credentials_source(
 ) -> Callable[[], tuple[str, str]] | None:
     """How to (re-)read the Scenario key and secret, or None when none are configured."""
     environ = os.environ if environ is None else environ
-    path = cfg.scenario_credentials_file or _credential_path(environ, "scenario-credentials")
+    key = environ.get("SCENARIO_SDK_API_KEY", "").strip()
+    secret = environ.get("SCENARIO_SDK_API_SECRET", "").strip()
+    path = cfg.scenario_credentials_file
+    if not path and not (key and secret):
+        path = _credential_path(environ, "scenario-credentials")
     if path:
 
         def from_file() -> tuple[str, str]:
@@ -337,8 +370,6 @@ def scenario_credentials_source(
             return lines[0], lines[1]
 
         return from_file
-    key = environ.get("SCENARIO_SDK_API_KEY", "").strip()
-    secret = environ.get("SCENARIO_SDK_API_SECRET", "").strip()
     if key and secret:
         return lambda: (key, secret)
     return None

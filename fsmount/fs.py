@@ -15,6 +15,7 @@ import math
 import os
 import stat
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -45,19 +46,33 @@ def handler(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         try:
             with trio.fail_after(self.request_deadline):
                 return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            if exc.errno != errno.ENOENT:
+                self.stats.errors += 1
             raise
         except FetchError as exc:
+            self.stats.errors += 1
             log.warning("%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except trio.TooSlowError:
+            self.stats.errors += 1
             log.warning("%s: no answer within %.0fs", fn.__name__, self.request_deadline)
             raise pyfuse3.FUSEError(errno.ETIMEDOUT) from None
         except Exception:
+            self.stats.errors += 1
             log.exception("unexpected error in %s; answering EIO", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
+
+
+@dataclass
+class FuseStats:
+    """What the kernel asked of us, for `fsmount status` (errors: answers other than ENOENT)."""
+
+    bytes_served: int = 0
+    reads: int = 0
+    errors: int = 0
 
 
 class Operations(pyfuse3.Operations):
@@ -76,6 +91,7 @@ class Operations(pyfuse3.Operations):
         attr_timeout: float = 60.0,
     ) -> None:
         super().__init__()
+        self.stats = FuseStats()
         self.request_deadline = request_deadline
         self._attr_timeout = attr_timeout
         self._content = content
@@ -253,7 +269,10 @@ class Operations(pyfuse3.Operations):
         if handle is None or handle[0].blob is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         node, version = handle
-        return await self._content.read(node.blob, off, size, version)
+        data = await self._content.read(node.blob, off, size, version)
+        self.stats.reads += 1
+        self.stats.bytes_served += len(data)
+        return data
 
     async def release(self, fh: int) -> None:
         self._file_handles.pop(fh, None)

@@ -9,17 +9,20 @@ directory a mirror job could mistake for deleted data); `fsmount unmount` or sys
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from fsmount import status
 from fsmount.cache.blocks import BlockStore
 from fsmount.cache.metadata import MetadataStore
 from fsmount.config import Config, grand_challenge_token_source, scenario_credentials_source
@@ -27,7 +30,14 @@ from fsmount.content import Content
 from fsmount.errors import StartupError
 from fsmount.fs import Operations
 from fsmount.sources.grand_challenge import GrandChallenge
-from fsmount.transfer import ApiClient, Credentials, HttpPolicy, Storage, TransferStats
+from fsmount.transfer import (
+    ApiClient,
+    Credentials,
+    HttpPolicy,
+    Storage,
+    TransferStats,
+    redact,
+)
 from fsmount.tree import Directory, TreeContext
 
 log = logging.getLogger(__name__)
@@ -73,6 +83,7 @@ async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> Non
             ctx = TreeContext(metadata.first_seen_many, listing_ttl=cfg.dir_cache_time)
 
             services: list[Directory] = []
+            apis: list[ApiClient] = []
             token = grand_challenge_token_source(cfg)
             if token is not None:
                 api = ApiClient(
@@ -83,6 +94,7 @@ async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> Non
                     name="grand-challenge",
                 )
                 stack.push_async_callback(api.aclose)
+                apis.append(api)
                 gc = GrandChallenge(api, ctx, metadata, archives=list(cfg.archive))
                 await gc.check()
                 services.append(gc.directory())
@@ -99,6 +111,7 @@ async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> Non
                     cfg.scenario_url, Credentials(basic), policy, stats, name="scenario"
                 )
                 stack.push_async_callback(api.aclose)
+                apis.append(api)
                 sc = Scenario(api, ctx, project=cfg.scenario_project)
                 await sc.check()
                 services.append(sc.directory())
@@ -113,7 +126,55 @@ async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> Non
             ops = Operations(
                 root, Content(storage, blocks, metadata), request_deadline=cfg.timeout + 15
             )
-            await _run_fuse(ops, cfg, mountpoint, signals, ctx, ready)
+            collect = status_collector(mountpoint, cache_dir, blocks, stats, apis, ops)
+            metrics: list[trio.SocketListener] = []
+            if cfg.metrics_port is not None:  # bound now: a port in use fails before mounting
+                metrics = await status.open_metrics_listeners(cfg.metrics_port)
+                for listener in metrics:
+                    stack.push_async_callback(listener.aclose)
+            await _run_fuse(ops, cfg, mountpoint, signals, ctx, ready, collect, metrics)
+
+
+def status_collector(
+    mountpoint: Path,
+    cache_dir: Path,
+    blocks: BlockStore,
+    stats: TransferStats,
+    apis: Sequence[ApiClient],
+    ops: Operations,
+) -> status.Collect:
+    """The `fsmount status` document (schema in fsmount/status.py): a snapshot, no I/O."""
+    started = time.time()
+
+    def collect() -> dict[str, object]:
+        cache = blocks.stats()
+        return {
+            "mountpoint": str(mountpoint),
+            "pid": os.getpid(),
+            "started": started,
+            "services": [{"name": api.name, "api": redact(api.base_url)} for api in apis],
+            "cache": {
+                "dir": str(cache_dir),
+                "bytes": cache.bytes_held,
+                "blocks": cache.blocks_held,
+                "budget": cache.budget,
+                "hits": cache.hits,
+                "misses": cache.misses,
+                "bytes_fetched": cache.bytes_fetched,
+                "downloads_in_flight": cache.downloads_in_flight,
+            },
+            "http": {
+                "requests": stats.requests,
+                "retries": stats.retries,
+                "errors": stats.errors,
+                "bytes_fetched": stats.bytes_fetched,
+                "url_resolves": stats.url_resolves,
+                "by_status": {str(code): n for code, n in sorted(stats.by_status.items())},
+            },
+            "fuse": dataclasses.asdict(ops.stats),
+        }
+
+    return collect
 
 
 async def _run_fuse(
@@ -123,6 +184,8 @@ async def _run_fuse(
     signals: AsyncIterator[int],
     ctx: TreeContext,
     ready: Callable[[], None],
+    collect: status.Collect,
+    metrics: Sequence[trio.SocketListener],
 ) -> None:
     try:
         pyfuse3.init(ops, str(mountpoint), fuse_options(cfg))
@@ -150,6 +213,10 @@ async def _run_fuse(
                 ready()
 
             nursery.start_soon(on_signals)
+            # Before READY=1, so `fsmount status` answers as soon as the mount is announced.
+            await nursery.start(status.serve_status, status.socket_path(mountpoint), collect)
+            if metrics:
+                nursery.start_soon(status.serve_metrics_on, metrics, collect)
             nursery.start_soon(announce)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             nursery.cancel_scope.cancel()

@@ -24,6 +24,7 @@ import os
 import random
 import ssl
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,7 @@ class TransferStats:
     bytes_fetched: int = 0
     url_resolves: int = 0
     errors: int = 0
+    by_status: Counter[int] = dataclasses.field(default_factory=Counter)
 
 
 def tls_context() -> ssl.SSLContext:
@@ -236,6 +238,7 @@ class ApiClient:
                         json=json_body,
                         headers=self._credentials.headers(),
                     )
+                    self._stats.by_status[response.status_code] += 1
             except (httpx.TransportError, trio.TooSlowError) as exc:
                 await attempts.backoff(type(exc).__name__, errno.ETIMEDOUT)
                 continue
@@ -422,6 +425,7 @@ class Storage:
                 with trio.fail_after(max(attempts.remaining(), 0.001)):
                     self._stats.requests += 1
                     async with self._client.stream("GET", url, headers=h) as response:
+                        self._stats.by_status[response.status_code] += 1
                         if await handle(response):
                             return
                         status = response.status_code

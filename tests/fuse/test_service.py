@@ -467,7 +467,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.skip(reason="waiting for wiring: `fsmount status` and --metrics-port")
 def test_status_and_metrics_count_what_a_read_cost(tmp_path: Path, mounter: Mounter) -> None:
     runtime = tmp_path / "run"
     port = free_port()
