@@ -3,7 +3,7 @@ PYTHON   ?= python3
 VENV     := .venv
 GCAPI_VENV := .venv-gcapi
 BIN      := $(VENV)/bin
-SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config gcc attr
+SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config gcc attr systemd
 
 .PHONY: all setup system-deps demo test lint bench clean
 

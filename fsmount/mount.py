@@ -58,6 +58,26 @@ def sd_notify(message: str) -> None:
             log.warning("cannot notify systemd: %s", exc)
 
 
+def task_stacks() -> str:
+    """Every trio task and where it waits: the first thing to look at on a hung mount."""
+    lines: list[str] = []
+
+    def walk(task: trio.lowlevel.Task, depth: int) -> None:
+        indent = "  " * depth
+        lines.append(f"{indent}task {task.name}")
+        for frame, lineno in task.iter_await_frames():
+            code = frame.f_code
+            lines.append(f"{indent}  {code.co_filename}:{lineno} in {code.co_name}")
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child, depth + 1)
+
+    root = trio.lowlevel.current_root_task()
+    if root is not None:
+        walk(root, 0)
+    return "\n".join(lines)
+
+
 def fuse_options(cfg: Config) -> set[str]:
     options = set(pyfuse3.default_options)  # default_permissions
     options |= {"fsname=fsmount", "subtype=fsmount", "ro", "nosuid", "nodev", "noatime"}
@@ -68,7 +88,9 @@ def fuse_options(cfg: Config) -> set[str]:
 
 async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> None:
     """Mount at `mountpoint` and serve until unmounted or told to stop by a signal."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(
+        signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1
+    ) as signals:
         async with AsyncExitStack() as stack:
             cache_dir = cfg.cache_path
             cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -200,6 +222,9 @@ async def _run_fuse(
                     if signum == signal.SIGHUP:
                         log.info("SIGHUP: dropping cached listings")
                         ctx.invalidate_all()
+                        continue
+                    if signum == signal.SIGUSR1:
+                        log.warning("SIGUSR1: what every task is waiting on:\n%s", task_stacks())
                         continue
                     log.info("%s: unmounting", signal.Signals(signum).name)
                     sd_notify("STOPPING=1")
