@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit, urlunsplit
 
 from starlette.requests import Request
@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from fsmount.demo.gc_samples import Archive, ExpectedFile, Image, Item, SampleData, Value
 from fsmount.demo.httpcommon import (
+    FakeService,
     FaultInjector,
     RequestLog,
     RunningServer,
@@ -106,7 +107,7 @@ class _Call:
 Handler = Callable[["GrandChallengeFake", _Call], Response]
 
 
-class GrandChallengeFake:
+class GrandChallengeFake(FakeService):
     """Both servers of the fake (API host and storage origin) and the knobs tests turn.
 
     One `log` records both servers; storage requests have the kind "storage". Knobs are plain
@@ -134,6 +135,8 @@ class GrandChallengeFake:
         except BaseException:
             self._storage.stop()
             raise
+        self._servers = (self._api, self._storage)
+        self._injectors = (self.api_faults, self.storage_faults)
         self.storage_url = self._storage.url
         self.api_url = self._api.url + API_PREFIX
 
@@ -154,24 +157,6 @@ class GrandChallengeFake:
     def add_item(self, slug: str) -> str:
         """Add a light item (a Value and a CSV file) to an archive at runtime; returns its pk."""
         return self.data.add_item(slug)
-
-    def reset_counters(self) -> None:
-        self.log.reset()
-
-    def reset_faults(self) -> None:
-        """Both servers back to well-behaved, their fault generators reseeded."""
-        self.api_faults.reset()
-        self.storage_faults.reset()
-
-    def stop(self) -> None:
-        self._api.stop()
-        self._storage.stop()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     # ----------------------------------------------------------------- authentication
 

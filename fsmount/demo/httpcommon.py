@@ -631,3 +631,32 @@ class FaultInjector:
             await send(message)
 
         return faulty
+
+
+class FakeService:
+    """The lifecycle both fakes share: one request log, servers to stop, injectors to reset.
+
+    A subclass sets `log` and lists its parts in `_servers` and `_injectors`.
+    """
+
+    log: RequestLog
+    _servers: tuple[RunningServer, ...]
+    _injectors: tuple[FaultInjector, ...]
+
+    def reset_counters(self) -> None:
+        self.log.reset()
+
+    def reset_faults(self) -> None:
+        """Every server back to well-behaved, its fault generator reseeded."""
+        for injector in self._injectors:
+            injector.reset()
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

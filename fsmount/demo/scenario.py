@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import anyio.to_thread
@@ -39,6 +39,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from fsmount.demo.httpcommon import (
+    FakeService,
     FaultInjector,
     RequestLog,
     RunningServer,
@@ -110,7 +111,7 @@ def _flag(request: Request, name: str) -> bool:
     return value == "true"
 
 
-class ScenarioFake:
+class ScenarioFake(FakeService):
     """Both servers of the fake (API and CDN) and the knobs tests turn.
 
     One `log` records both servers under the kinds in `REQUEST_KINDS` (plus "unknown" for any
@@ -142,6 +143,8 @@ class ScenarioFake:
         except BaseException:
             self._cdn.stop()
             raise
+        self._servers = (self._api, self._cdn)
+        self._injectors = (self.api_faults, self.cdn_faults)
         self.cdn_url = self._cdn.url
         self.api_url = self._api.url + "/v1"
 
@@ -158,24 +161,6 @@ class ScenarioFake:
     def visible_asset_ids(self) -> set[str]:
         """Ids of the assets a correct client shows (status success, not hidden, not deleted)."""
         return {asset.id for asset in self.samples.assets if asset.visible}
-
-    def reset_counters(self) -> None:
-        self.log.reset()
-
-    def reset_faults(self) -> None:
-        """Both servers back to well-behaved (`api_faults`, `cdn_faults`), generators reseeded."""
-        self.api_faults.reset()
-        self.cdn_faults.reset()
-
-    def stop(self) -> None:
-        self._api.stop()
-        self._cdn.stop()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     # ----------------------------------------------------------------- API plumbing
 

@@ -53,7 +53,7 @@ FORMAT_MIME = {
     "mp4": "video/mp4",
 }
 NATIVE_EXT = {mime: ext for ext, mime in FORMAT_MIME.items()}
-_PILLOW_FORMAT = {
+PILLOW_FORMAT = {
     "png": "PNG",
     "jpg": "JPEG",
     "webp": "WEBP",
@@ -193,7 +193,7 @@ def octahedron(name: str, radius: float) -> Mesh:
 
 def _save(image: Image.Image, fmt: str, **options: object) -> bytes:
     out = io.BytesIO()
-    image.save(out, format=_PILLOW_FORMAT[fmt], **options)
+    image.save(out, format=PILLOW_FORMAT[fmt], **options)
     return out.getvalue()
 
 

@@ -12,17 +12,9 @@ import pytest
 from conftest import Mount, Mounter, wait_for
 from PIL import Image
 
-pytestmark = pytest.mark.fuse
+from fsmount.demo.scenario_samples import PILLOW_FORMAT
 
-PILLOW_FORMATS = {
-    "png": "PNG",
-    "jpg": "JPEG",
-    "webp": "WEBP",
-    "avif": "AVIF",
-    "tif": "TIFF",
-    "gif": "GIF",
-    "heif": "HEIF",
-}
+pytestmark = pytest.mark.fuse
 
 
 def walk(root) -> tuple[dict[str, int], set[str]]:
@@ -72,9 +64,9 @@ def test_every_image_format_opens_with_pillow(shared_mount: Mount) -> None:
     assets = shared_mount.path / "scenario/assets"
     for name in sorted(os.listdir(assets)):
         ext = name.rsplit(".", 1)[1]
-        if ext in PILLOW_FORMATS:
+        if ext in PILLOW_FORMAT:
             with Image.open(io.BytesIO((assets / name).read_bytes())) as image:
-                assert image.format == PILLOW_FORMATS[ext], name
+                assert image.format == PILLOW_FORMAT[ext], name
         elif ext == "glb":
             assert (assets / name).read_bytes()[:4] == b"glTF"
 

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from fsmount.demo.scenario import DEFAULT_URL_EXPIRY, REQUEST_KINDS, ScenarioFake
-from fsmount.demo.scenario_samples import IMAGE_FORMATS, SampleAsset
+from fsmount.demo.scenario_samples import IMAGE_FORMATS, PILLOW_FORMAT, SampleAsset
 
 pillow_heif.register_heif_opener()
 
@@ -54,15 +54,7 @@ CONVERTED_MIME = {
     "gif": "image/gif",
     "heif": "image/heif",
 }
-PILLOW_NAMES = {
-    "png": "PNG",
-    "jpg": "JPEG",
-    "webp": "WEBP",
-    "avif": "AVIF",
-    "tif": "TIFF",
-    "gif": "GIF",
-    "heif": "HEIF",
-}
+PILLOW_NAMES = PILLOW_FORMAT
 
 
 @pytest.fixture(scope="module")
