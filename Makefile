@@ -41,11 +41,11 @@ demo: setup
 	$(BIN)/fsmount demo
 
 lint: setup
-	$(BIN)/ruff check fsmount tests bench
-	$(BIN)/ruff format --check fsmount tests bench
+	$(BIN)/ruff check fsmount tests $(wildcard bench)
+	$(BIN)/ruff format --check fsmount tests $(wildcard bench)
 
 test: setup
-	$(BIN)/ruff check fsmount tests bench
+	$(BIN)/ruff check fsmount tests $(wildcard bench)
 	GCAPI_PYTHON=$(CURDIR)/$(GCAPI_VENV)/bin/python $(BIN)/python -m pytest tests
 
 bench: setup
