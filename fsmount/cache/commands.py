@@ -142,9 +142,8 @@ def run(args: argparse.Namespace) -> int:
     except StartupError as exc:  # a bad --cache-size, config file or environment value
         _error(str(exc))
         return EXIT_FAILED
-    except OSError as exc:  # the cache directory cannot be read or changed
-        where = f" {exc.filename}" if exc.filename else ""
-        _error(f"cannot use the cache{where}: {exc.strerror or exc}")
+    except OSError as exc:  # e.g. a cache directory that cannot be read or changed
+        _error(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
         return EXIT_FAILED
 
 
@@ -158,6 +157,7 @@ def locate(args: argparse.Namespace) -> CacheLocation:
 
 
 def stats(args: argparse.Namespace) -> int:
+    """Print what the directory holds (a walk: exact, whoever wrote it) and who uses it."""
     where = locate(args)
     usage = cache_usage(where.blocks)
     reports = _mount_reports(usage.users)
@@ -257,6 +257,8 @@ def _metadata_bytes(path: Path) -> int:
 
 
 def clear(args: argparse.Namespace) -> int:
+    """Delete the blocks, not the metadata: sizes and first-seen times are what keep `ls -l`
+    free of requests and file times stable across remounts, and they take little space."""
     where = locate(args)
     try:
         gone = clear_cache(where.blocks, force=args.force)
@@ -297,6 +299,7 @@ class _SizeChanged(Exception):
 
 
 def prefetch(args: argparse.Namespace) -> int:
+    """Check every PATH, then read all the files below them through their mounts."""
     roots = _check_roots(args.paths)
     if roots is None:
         return EXIT_USAGE
@@ -492,17 +495,28 @@ def _progress_bar() -> Progress:
         BarColumn,
         DownloadColumn,
         Progress,
+        ProgressColumn,
+        Task,
         TextColumn,
         TimeRemainingColumn,
-        TransferSpeedColumn,
     )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        """Binary units, like the sizes beside it (rich's own rate column is decimal)."""
+
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(
+                "?" if speed is None else f"{format_size(speed)}/s", style="progress.data.speed"
+            )
 
     console = Console(stderr=True)
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
+        Rate(),
         TimeRemainingColumn(),
         console=console,
         disable=not console.is_terminal,
