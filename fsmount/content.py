@@ -8,6 +8,7 @@ URL and never mixes versions.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Iterable
 
@@ -26,27 +27,55 @@ class Content:
     """Sizes and bytes of blobs, for the FUSE layer (which knows nothing of where they live)."""
 
     def __init__(
-        self, storage: Storage, blocks: BlockStore, metadata: MetadataStore, *, parallel: int = 16
+        self, storage: Storage, blocks: BlockStore, metadata: MetadataStore, *, parallel: int = 32
     ) -> None:
         self._storage = storage
         self._blocks = blocks
         self._metadata = metadata
         self._stats: dict[str, BlobStat] = {}
         self._probing: dict[str, trio.Event] = {}
+        self._failures: dict[str, FetchError] = {}
         self._limit = trio.CapacityLimiter(parallel)
 
     async def stat(self, blob: Blob) -> BlobStat:
         if isinstance(blob, InlineBlob):
             return BlobStat(len(blob.data), 0.0)
-        while True:
-            known = self._known(blob)
-            if known is not None:
-                return known
-            pending = self._probing.get(blob.key)
-            if pending is None:
-                break
-            await pending.wait()
+        known = self._known(blob)
+        if known is not None:
+            return known
+        await (self._probing.get(blob.key) or self._start_probe(blob)).wait()
+        known = self._known(blob)
+        if known is not None:
+            return known
+        failure = self._failures.get(blob.key)
+        raise FetchError(
+            failure.errno if failure else errno.EIO,
+            str(failure) if failure else f"{blob.description}: size unknown",
+        )
+
+    async def stat_many(self, blobs: Iterable[Blob]) -> None:
+        """Learn many sizes at once (a directory listing): bounded parallel probes.
+
+        The probes outlive the request that wanted them: when a huge listing takes longer than
+        the request's deadline, what was learned is kept and a retried `ls` goes on from there.
+        Failures are left for each file's own `stat` to report.
+        """
+        waits = [
+            self._probing.get(blob.key) or self._start_probe(blob)
+            for blob in blobs
+            if isinstance(blob, RemoteBlob) and self._known(blob) is None
+        ]
+        for done in waits:
+            await done.wait()
+
+    def _start_probe(self, blob: RemoteBlob) -> trio.Event:
         done = self._probing[blob.key] = trio.Event()
+        self._failures.pop(blob.key, None)
+        trio.lowlevel.spawn_system_task(self._probe, blob, done)
+        return done
+
+    async def _probe(self, blob: RemoteBlob, done: trio.Event) -> None:
+        """One size probe, as a task of its own: it must never raise (it would end the mount)."""
         try:
             async with self._limit:
                 st = await self._storage.probe(blob)
@@ -56,27 +85,15 @@ class Content:
             self._metadata.put(
                 _meta_key(blob), {"size": st.size, "mtime": st.mtime, "etag": st.etag}
             )
-            return st
+        except FetchError as exc:
+            self._failures[blob.key] = exc
+            log.warning("size of %s: %s", blob.description, exc)
+        except Exception as exc:
+            self._failures[blob.key] = FetchError.eio(f"{blob.description}: {exc!r}")
+            log.exception("size of %s", blob.description)
         finally:
             del self._probing[blob.key]
             done.set()
-
-    async def stat_many(self, blobs: Iterable[Blob]) -> None:
-        """Learn many sizes at once (a directory listing): bounded parallel probes.
-
-        A failed probe is logged and left for the reader's own `stat` to report.
-        """
-
-        async def one(blob: Blob) -> None:
-            try:
-                await self.stat(blob)
-            except FetchError as exc:
-                log.warning("size of %s: %s", getattr(blob, "description", "?"), exc)
-
-        async with trio.open_nursery() as nursery:
-            for blob in blobs:
-                if isinstance(blob, RemoteBlob) and self._known(blob) is None:
-                    nursery.start_soon(one, blob)
 
     async def read(
         self, blob: Blob, offset: int, length: int, version: BlobStat | None = None

@@ -42,6 +42,8 @@ from fsmount.tree import Directory, TreeContext
 
 log = logging.getLogger(__name__)
 
+KERNEL_READAHEAD_KIB = 4096
+
 
 def sd_notify(message: str) -> None:
     """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
@@ -78,6 +80,23 @@ def task_stacks() -> str:
     return "\n".join(lines)
 
 
+def raise_kernel_readahead(mountpoint: Path, kib: int = KERNEL_READAHEAD_KIB) -> None:
+    """Let the kernel read ahead in 1 MiB requests instead of 128 KiB ones (root only).
+
+    Fewer, larger FUSE reads are most of the speed of a sequential read through Python. The
+    mount's device comes from mountinfo, not from a stat of the mount point, which would be a
+    request to this very process.
+    """
+    with open("/proc/self/mountinfo") as info:
+        devices = [f[2] for f in map(str.split, info) if f[4] == str(mountpoint)]
+    if not devices:
+        return
+    try:
+        Path(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb").write_text(str(kib))
+    except OSError as exc:
+        log.debug("kernel readahead left as it is: %s", exc)
+
+
 def fuse_options(cfg: Config) -> set[str]:
     options = set(pyfuse3.default_options)  # default_permissions
     options |= {"fsname=fsmount", "subtype=fsmount", "ro", "nosuid", "nodev", "noatime"}
@@ -96,7 +115,9 @@ async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> Non
             cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             metadata = MetadataStore(cache_dir / "metadata.sqlite")
             stack.callback(metadata.close)
-            blocks = BlockStore(cache_dir / "blocks", budget=cfg.cache_size)
+            # Readahead stays below the block store's in-memory budget (32 MiB), so blocks
+            # fetched ahead are served from memory rather than read back from disk.
+            blocks = BlockStore(cache_dir / "blocks", budget=cfg.cache_size, readahead=24 << 20)
             stack.push_async_callback(blocks.aclose)
             policy = HttpPolicy(deadline=cfg.timeout)
             stats = TransferStats()
@@ -233,6 +254,7 @@ async def _run_fuse(
 
             async def announce() -> None:
                 await trio.sleep(0)  # let pyfuse3.main start answering the kernel first
+                raise_kernel_readahead(mountpoint)
                 log.info("mounted at %s", mountpoint)
                 sd_notify("READY=1")
                 ready()

@@ -358,6 +358,8 @@ class Storage:
                 result = BlobStat(size, _last_modified(response), _etag(response))
             else:
                 return False
+            if response.status_code != 200:
+                await response.aread()  # one byte at most: keeps the connection reusable
             return True
 
         probe_headers = {"Range": "bytes=0-0", "Accept-Encoding": "identity"}
@@ -389,7 +391,9 @@ class Storage:
                     cut = min(skip, len(chunk))
                     chunk, skip = chunk[cut:], skip - cut
                 buf.extend(chunk[: end - start - len(buf)])
-                if len(buf) >= end - start:
+                # A 206 body is read to its end so the connection can be reused; a whole
+                # object (Range ignored) is abandoned once we have our part.
+                if len(buf) >= end - start and response.status_code == 200:
                     break
             if len(buf) < end - start:
                 raise httpx.RemoteProtocolError("body ended early")

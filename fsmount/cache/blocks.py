@@ -57,6 +57,9 @@ _BLOCK_NAME = re.compile("[0-9a-f]{32}-[0-9]+")
 
 _READAHEAD_CHUNK = 4 << 20  # bytes per readahead request (rounded to whole blocks)
 _TOUCH_INTERVAL = 600.0  # seconds between mtime updates of a block file that keeps being read
+# A read at most this many of its own lengths past the last one still counts as sequential:
+# the kernel's parallel readahead requests of one reader overtake each other by a few.
+_OUT_OF_ORDER = 4
 _STREAMS = 1024  # keys whose sequential-read state is remembered
 _EVICTION_BATCH = 64  # files deleted per worker-thread call when trimming to the budget
 _IO_THREADS = 4
@@ -596,19 +599,24 @@ class BlockStore:
     ) -> None:
         """Detect a sequential reader of `key` and schedule the blocks ahead of it.
 
-        A read starting exactly where the previous one ended doubles the window (up to the
-        readahead cap); a read slightly behind it (the kernel may reorder requests) keeps the
-        state; any other read starts afresh with no readahead.
+        A read starting where the previous one ended, or a few of its lengths past it (the
+        kernel sends its own readahead requests in parallel, so they arrive out of order; a
+        random reader almost never lands that close), doubles the window
+        (up to the readahead cap); a read slightly behind it keeps the state; any other read
+        starts afresh with no readahead.
         """
         if not self._readahead or not self._service_running:
             return
         stream = self._streams.get(key)
-        if stream is not None and offset == stream.next_offset:
+        near = stream is not None and (
+            stream.next_offset - self._block_size
+            <= offset
+            <= stream.next_offset + _OUT_OF_ORDER * (end - offset)
+        )
+        if stream is not None and near and offset >= stream.next_offset:
             first_window = min(self._readahead, self._chunk_blocks * self._block_size)
             stream.window = min(self._readahead, max(2 * stream.window, first_window))
-        elif stream is None or not (
-            stream.next_offset - self._block_size <= offset < stream.next_offset
-        ):
+        elif stream is None or not near:
             stream = _Stream()
             self._streams[key] = stream
             if len(self._streams) > _STREAMS:
@@ -620,6 +628,10 @@ class BlockStore:
         blocks = -(-size // self._block_size)
         stop = min(-(-(end + stream.window) // self._block_size), blocks)
         start = max(stream.ahead, last + 1)
+        if stop < blocks:  # whole chunks only: a reader creeping forward must not cost
+            stop = start + (stop - start) // self._chunk_blocks * self._chunk_blocks  # 1-block GETs
+        if stop <= start:
+            return
         stream.ahead = max(stream.ahead, stop)
         for first in range(start, stop, self._chunk_blocks):
             chunk = _Chunk(digest, size, first, min(first + self._chunk_blocks, stop), fetch)
