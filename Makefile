@@ -48,7 +48,10 @@ test: setup
 	$(BIN)/ruff check fsmount tests $(wildcard bench)
 	GCAPI_PYTHON=$(CURDIR)/$(GCAPI_VENV)/bin/python $(BIN)/python -m pytest tests
 
+# rclone is the peer the benchmark compares against (Debian's package).
 bench: setup
+	@dpkg -s rclone >/dev/null 2>&1 || { SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq rclone; }
 	$(BIN)/python bench/run.py
 
 clean:

@@ -80,21 +80,29 @@ def task_stacks() -> str:
     return "\n".join(lines)
 
 
-def raise_kernel_readahead(mountpoint: Path, kib: int = KERNEL_READAHEAD_KIB) -> None:
+async def raise_kernel_readahead(mountpoint: Path, kib: int = KERNEL_READAHEAD_KIB) -> None:
     """Let the kernel read ahead in 1 MiB requests instead of 128 KiB ones (root only).
 
     Fewer, larger FUSE reads are most of the speed of a sequential read through Python. The
-    mount's device comes from mountinfo, not from a stat of the mount point, which would be a
-    request to this very process.
+    mount's device comes from mountinfo, not from a stat of the mount point (a request to this
+    very process). The kernel lowers the value again when it processes FUSE's INIT reply, so
+    it is written until it holds, for at most a second.
     """
     with open("/proc/self/mountinfo") as info:
         devices = [f[2] for f in map(str.split, info) if f[4] == str(mountpoint)]
     if not devices:
         return
-    try:
-        Path(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb").write_text(str(kib))
-    except OSError as exc:
-        log.debug("kernel readahead left as it is: %s", exc)
+    setting = Path(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb")
+    for _ in range(20):
+        try:
+            setting.write_text(str(kib))
+            await trio.sleep(0.05)
+            if setting.read_text().strip() == str(kib):
+                log.debug("kernel readahead for %s: %d KiB", mountpoint, kib)
+                return
+        except OSError as exc:
+            log.debug("kernel readahead left as it is: %s", exc)
+            return
 
 
 def fuse_options(cfg: Config) -> set[str]:
@@ -254,7 +262,6 @@ async def _run_fuse(
 
             async def announce() -> None:
                 await trio.sleep(0)  # let pyfuse3.main start answering the kernel first
-                raise_kernel_readahead(mountpoint)
                 log.info("mounted at %s", mountpoint)
                 sd_notify("READY=1")
                 ready()
@@ -265,6 +272,7 @@ async def _run_fuse(
             if metrics:
                 nursery.start_soon(status.serve_metrics_on, metrics, collect)
             nursery.start_soon(announce)
+            nursery.start_soon(raise_kernel_readahead, mountpoint)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             nursery.cancel_scope.cancel()
         clean = True
