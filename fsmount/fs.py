@@ -106,6 +106,12 @@ class Operations(pyfuse3.Operations):
         self._dir_handles: dict[int, list[tuple[bytes, Node, pyfuse3.EntryAttributes]]] = {}
         self._file_handles: dict[int, tuple[File, BlobStat]] = {}
         self._opened_versions: dict[int, BlobStat] = {}
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        """The kernel's INIT is being answered: settings it resets on the reply (such as its
+        readahead) can be changed once this event's waiters run, which is after the reply."""
+        self.initialized.set()
 
     # ----- inode bookkeeping -------------------------------------------------------------
 

@@ -80,23 +80,27 @@ def task_stacks() -> str:
     return "\n".join(lines)
 
 
-async def raise_kernel_readahead(mountpoint: Path, kib: int = KERNEL_READAHEAD_KIB) -> None:
+async def raise_kernel_readahead(
+    mountpoint: Path, initialized: trio.Event, kib: int = KERNEL_READAHEAD_KIB
+) -> None:
     """Let the kernel read ahead in 1 MiB requests instead of 128 KiB ones (root only).
 
     Fewer, larger FUSE reads are most of the speed of a sequential read through Python. The
     mount's device comes from mountinfo, not from a stat of the mount point (a request to this
-    very process). The kernel lowers the value again when it processes FUSE's INIT reply, so
-    it is written until it holds, for at most a second.
+    very process). The kernel lowers the value when it processes FUSE's INIT reply, so it is
+    written once `initialized` is set (the reply is then written); a file opened before it
+    holds keeps 128 KiB requests, hence the tight re-checks, for at most a second.
     """
+    await initialized.wait()
     with open("/proc/self/mountinfo") as info:
         devices = [f[2] for f in map(str.split, info) if f[4] == str(mountpoint)]
     if not devices:
         return
     setting = Path(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb")
-    for _ in range(20):
+    for _ in range(100):
         try:
             setting.write_text(str(kib))
-            await trio.sleep(0.05)
+            await trio.sleep(0.01)
             if setting.read_text().strip() == str(kib):
                 log.debug("kernel readahead for %s: %d KiB", mountpoint, kib)
                 return
@@ -272,7 +276,7 @@ async def _run_fuse(
             if metrics:
                 nursery.start_soon(status.serve_metrics_on, metrics, collect)
             nursery.start_soon(announce)
-            nursery.start_soon(raise_kernel_readahead, mountpoint)
+            nursery.start_soon(raise_kernel_readahead, mountpoint, ops.initialized)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             nursery.cancel_scope.cancel()
         clean = True

@@ -74,9 +74,12 @@ def test_200_mib_arrive_exact_while_signed_urls_expire_every_2s(mounter: Mounter
         os.stat(path)
         gc.log.reset()
         started = time.monotonic()
-        # Slow storage keeps the read going across several URL lifetimes.
+        # A slow reader (a pause after every 20 MiB) on slow storage: the read goes on across
+        # several URL lifetimes however fast the data path is.
         gc.storage_faults.configure(latency=0.05)
-        read_and_check(path, 0, 200 * MiB)
+        for offset in range(0, 200 * MiB, 20 * MiB):
+            read_and_check(path, offset, 20 * MiB)
+            time.sleep(0.5)
         elapsed = time.monotonic() - started
     finally:
         gc.url_expiry = 300

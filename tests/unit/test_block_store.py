@@ -565,13 +565,13 @@ def _die_mid_write(directory: str, size: int, complete: int) -> None:
     real_write = blocks._write_block_file
 
     def write_then_die(
-        tmp: Path, final: str, header: bytes, data: bytes, victims: list[str]
+        tmp: Path, final: str, ref: blocks._Ref, data: bytes, victims: list[str]
     ) -> None:
         if final.endswith(f"-{complete}"):
             with open(tmp, "wb") as f:
-                f.write(header + data[: len(data) // 2])
+                f.write(blocks._header(ref, data) + data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
-        real_write(tmp, final, header, data, victims)
+        real_write(tmp, final, ref, data, victims)
 
     blocks._write_block_file = write_then_die
     origin = Origin(size)
