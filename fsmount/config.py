@@ -227,6 +227,7 @@ class Config:
     allow_other: bool
     metrics_port: int | None
     log_level: str
+    flags: frozenset[str] = frozenset()  # the keys given as flags: secrets' precedence needs it
 
     @property
     def cache_path(self) -> Path:
@@ -266,6 +267,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
     path = Path(explicit) if explicit else _default_config_file()
     file_values = _read_file(path, required=bool(explicit))
     values: dict[str, Any] = {}
+    flags: set[str] = set()
     for opt in OPTIONS:
         attr = opt.key.replace("-", "_")
         given = getattr(args, attr, None)
@@ -273,6 +275,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
             if given is not None:
                 value = tuple(given) if opt.repeat else given
                 source = opt.flag
+                flags.add(opt.key)
             elif opt.env and environ.get(opt.env):
                 value, source = environ[opt.env], f"${opt.env}"
             elif opt.key in file_values:
@@ -285,7 +288,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
             values[attr] = _coerce(opt, value)
         except (ValueError, TypeError) as exc:
             raise StartupError(f"bad value for {source}: {exc}") from None
-    return Config(**values)
+    return Config(**values, flags=frozenset(flags))
 
 
 def _coerce(opt: Option, value: Any) -> Any:
@@ -333,6 +336,8 @@ def grand_challenge_token_source(
     environ = os.environ if environ is None else environ
     token = environ.get("GRAND_CHALLENGE_AUTHORIZATION", "").strip()
     path = cfg.grand_challenge_token_file
+    if token and "grand-challenge-token-file" not in cfg.flags:
+        path = None  # flag > environment > file: the variable beats a file the config names
     if not path and not token:
         path = _credential_path(environ, "grand-challenge-token")
     if path:
@@ -357,6 +362,8 @@ def scenario_credentials_source(
     key = environ.get("SCENARIO_SDK_API_KEY", "").strip()
     secret = environ.get("SCENARIO_SDK_API_SECRET", "").strip()
     path = cfg.scenario_credentials_file
+    if key and secret and "scenario-credentials-file" not in cfg.flags:
+        path = None  # flag > environment > file: the variables beat a file the config names
     if not path and not (key and secret):
         path = _credential_path(environ, "scenario-credentials")
     if path:

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable
 
 import trio
+from cachetools import LRUCache
 
 from fsmount.blob import Blob, BlobStat, InlineBlob, RemoteBlob
 from fsmount.cache.blocks import BlockStore
@@ -21,6 +22,8 @@ from fsmount.errors import ContentChanged, FetchError
 from fsmount.transfer import Storage
 
 log = logging.getLogger(__name__)
+
+_MEMORY_ENTRIES = 200_000  # sizes and ETags kept in memory (each ~200 bytes)
 
 
 class Content:
@@ -32,9 +35,12 @@ class Content:
         self._storage = storage
         self._blocks = blocks
         self._metadata = metadata
-        self._stats: dict[str, BlobStat] = {}
+        # Bounded: every size is also in the metadata store, so a dropped one costs a lookup.
+        self._stats: LRUCache[str, BlobStat] = LRUCache(maxsize=_MEMORY_ENTRIES)
         self._probing: dict[str, trio.Event] = {}
         self._failures: dict[str, FetchError] = {}
+        # ETags first seen, for blobs whose stat had none (a dropped one is pinned again)
+        self._etags: LRUCache[str, str] = LRUCache(maxsize=_MEMORY_ENTRIES)
         self._limit = trio.CapacityLimiter(parallel)
 
     async def stat(self, blob: Blob) -> BlobStat:
@@ -109,8 +115,18 @@ class Content:
         if offset >= st.size or length <= 0:
             return b""
 
+        ident = _identity(blob)
+
         async def fetch(start: int, end: int) -> bytes:
-            return await self._storage.fetch(blob, start, end, st.etag)
+            # Sizes the API gave come without an ETag: the first range read pins one, so the
+            # blocks of one file never come from two versions.
+            etag = st.etag or self._etags.get(ident)
+            data, seen = await self._storage.fetch(blob, start, end, etag)
+            if etag is None and seen is not None and self._etags.setdefault(ident, seen) != seen:
+                raise ContentChanged(
+                    errno.EIO, f"{blob.description}: the remote file changed while being read"
+                )
+            return data
 
         version = blob.version or st.etag or ""
         try:
@@ -121,6 +137,7 @@ class Content:
 
     def forget(self, blob: RemoteBlob) -> None:
         """Drop what is known of a blob's size and version (it changed, or failed)."""
+        self._etags.pop(_identity(blob), None)
         if blob.size is None:
             self._stats.pop(_identity(blob), None)
             self._metadata.put(_meta_key(blob), {})

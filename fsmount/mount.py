@@ -131,7 +131,7 @@ async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> Non
             # fetched ahead are served from memory rather than read back from disk.
             blocks = BlockStore(cache_dir / "blocks", budget=cfg.cache_size, readahead=24 << 20)
             stack.push_async_callback(blocks.aclose)
-            policy = HttpPolicy(deadline=cfg.timeout)
+            policy = HttpPolicy.within(cfg.timeout)
             stats = TransferStats()
             storage = Storage(policy, stats)
             stack.push_async_callback(storage.aclose)
@@ -176,7 +176,8 @@ async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> Non
                     " (see fsmount mount --help)"
                 )
 
-            root = Directory("", "", ctx, children=services)
+            names = ", ".join(service.name for service in services)
+            root = Directory("", "", ctx, children=services, xattrs={"services": names})
             root.mtime = metadata.first_seen_many([""])[""]
             ops = Operations(
                 root, Content(storage, blocks, metadata), request_deadline=cfg.timeout + 15
@@ -247,10 +248,12 @@ async def _run_fuse(
     except RuntimeError as exc:
         raise StartupError(f"cannot mount at {mountpoint}: {exc}") from None
     clean = False
+    stopping = False  # STOPPING=1 sent
     try:
         async with trio.open_nursery() as nursery:
 
             async def on_signals() -> None:
+                nonlocal stopping
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         log.info("SIGHUP: dropping cached listings")
@@ -260,6 +263,7 @@ async def _run_fuse(
                         log.warning("SIGUSR1: what every task is waiting on:\n%s", task_stacks())
                         continue
                     log.info("%s: unmounting", signal.Signals(signum).name)
+                    stopping = True
                     sd_notify("STOPPING=1")
                     pyfuse3.terminate()
                     return
@@ -278,6 +282,9 @@ async def _run_fuse(
             nursery.start_soon(announce)
             nursery.start_soon(raise_kernel_readahead, mountpoint, ops.initialized)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
+            if not stopping:  # unmounted from outside (fusermount3 -u, fsmount unmount)
+                log.info("unmounted from outside: stopping")
+                sd_notify("STOPPING=1")
             nursery.cancel_scope.cancel()
         clean = True
     finally:

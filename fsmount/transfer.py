@@ -33,6 +33,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import httpcore
 import httpx
 import trio
+from cachetools import TLRUCache
 
 from fsmount.blob import BlobStat, RemoteBlob, SignedUrl
 from fsmount.errors import ContentChanged, FetchError
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 507})
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 DEFAULT_URL_TTL = 60.0
+_URL_BOOK_SIZE = 100_000  # signed URLs remembered at once (a URL is a few hundred bytes)
 
 # httpcore reads a response body 64 KiB at a time; each read costs a trip through h11, httpcore
 # and httpx in Python, which was a large share of the mount's CPU on a fast sequential read.
@@ -61,6 +63,16 @@ class HttpPolicy:
     base_delay: float = 0.25
     max_delay: float = 10.0
     max_connections: int = 32
+
+    @classmethod
+    def within(cls, deadline: float) -> HttpPolicy:
+        """The policy for an overall deadline (`--timeout`): a stall or a connection attempt
+        may use up a third of it at most, so that at least one retry always fits."""
+        return cls(
+            deadline=deadline,
+            connect_timeout=min(cls.connect_timeout, max(0.5, deadline / 3)),
+            stall_timeout=min(cls.stall_timeout, max(0.5, deadline / 3)),
+        )
 
 
 @dataclass
@@ -319,7 +331,10 @@ class Storage:
             verify=tls_context(),
             transport=transport,
         )
-        self._urls: dict[str, tuple[str, float]] = {}  # blob key -> (url, reuse until)
+        # blob key -> (url, reuse until); expired URLs drop out, and the book stays bounded
+        self._urls: TLRUCache[str, tuple[str, float]] = TLRUCache(
+            maxsize=_URL_BOOK_SIZE, ttu=lambda _key, value, _now: value[1], timer=time.time
+        )
         self._resolving: dict[str, trio.Event] = {}
 
     async def aclose(self) -> None:
@@ -375,14 +390,26 @@ class Storage:
         assert result is not None
         return result
 
-    async def fetch(self, blob: RemoteBlob, start: int, end: int, etag: str | None) -> bytes:
-        """Bytes `[start, end)` of the blob's version `etag`, resuming after interruptions."""
+    async def fetch(
+        self, blob: RemoteBlob, start: int, end: int, etag: str | None
+    ) -> tuple[bytes, str | None]:
+        """Bytes `[start, end)` of the blob's version `etag`, resuming after interruptions,
+        with the ETag storage sent for them.
+
+        With `etag` None, the first response's ETag pins the version for the resumes, so the
+        pieces of one range never come from two versions either.
+        """
         chunks: list[bytes] = []
         got = 0  # bytes of [start, end) in `chunks`
+        pinned = etag
 
         async def handle(response: httpx.Response) -> bool:
-            nonlocal got
-            if response.status_code == 200 and etag is not None and _etag(response) != etag:
+            nonlocal got, pinned
+            if response.status_code not in (200, 206):
+                return False
+            if pinned is None:
+                pinned = _etag(response)
+            elif _etag(response) != pinned:
                 raise ContentChanged(
                     errno.EIO, f"{blob.description}: the remote file changed while being read"
                 )
@@ -391,10 +418,8 @@ class Storage:
                 if not first.startswith(f"{start + got}-"):
                     raise FetchError.eio(f"{blob.description}: storage sent another range")
                 skip = 0
-            elif response.status_code == 200:
-                skip = start + got  # Range ignored: skip to where we are
-            else:
-                return False
+            else:  # 200: Range ignored, skip to where we are
+                skip = start + got
             async for chunk in response.aiter_raw():
                 self._stats.bytes_fetched += len(chunk)
                 if skip:
@@ -415,14 +440,14 @@ class Storage:
 
         def headers() -> dict[str, str]:
             h = {"Range": f"bytes={start + got}-{end - 1}", "Accept-Encoding": "identity"}
-            if etag:
-                h["If-Range"] = etag
+            if pinned:
+                h["If-Range"] = pinned
             return h
 
         if end <= start:
-            return b""
+            return b"", etag
         await self._exchange(blob, headers, handle, f"bytes {start}-{end - 1}")
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # one copy at most
+        return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), pinned  # one copy at most
 
     async def _exchange(
         self,
@@ -449,6 +474,7 @@ class Storage:
                         status = response.status_code
                         await response.aread()
                         reason = _error_reason(response)
+                        wait = _retry_after(response)
             except (httpx.TransportError, trio.TooSlowError) as exc:
                 await attempts.backoff(f"{type(exc).__name__} from storage", errno.ETIMEDOUT)
                 continue
@@ -457,7 +483,7 @@ class Storage:
                 log.info("%s: storage answered %d; asking for a new URL", blob.description, status)
                 continue
             if status in RETRY_STATUSES:
-                await attempts.backoff(f"storage HTTP {status}", status_errno(status))
+                await attempts.backoff(f"storage HTTP {status}", status_errno(status), wait)
                 continue
             self._stats.errors += 1
             raise FetchError(

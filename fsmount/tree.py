@@ -282,7 +282,10 @@ class PathBuilder:
             if isinstance(entry, _Slot):
                 child_path = f"{path}/{name}"
                 children = self._build(entry, child_path)
-                out.append(Directory(name, child_path, self._ctx, children=children))
+                # A directory made of a relative path says where it is, as its item does.
+                relative = child_path.removeprefix(self._base.path).lstrip("/")
+                xattrs = {**self._base.xattrs, "relative-path": relative}
+                out.append(Directory(name, child_path, self._ctx, children=children, xattrs=xattrs))
             else:
                 out.append(entry)
         return out

@@ -95,15 +95,20 @@ class Scenario:
             raise StartupError(f"cannot use the Scenario API: {exc}") from None
 
     def directory(self) -> Directory:
+        xattrs = {"source": "scenario", "api": redact(self._api.base_url)}
+        if self._project:
+            xattrs["project"] = self._project
+
         def sub(name: str, loader: Callable[[Directory], Any]) -> Directory:
-            return Directory(name, f"{ROOT}/{name}", self._ctx, loader=loader)
+            return Directory(
+                name, f"{ROOT}/{name}", self._ctx, loader=loader, xattrs={**xattrs, "listing": name}
+            )
 
         children = [
             sub("assets", self._load_assets),
             sub("collections", self._load_collections),
             sub("models", self._load_models),
         ]
-        xattrs = {"source": "scenario", "api": redact(self._api.base_url)}
         return Directory(ROOT, ROOT, self._ctx, children=children, xattrs=xattrs)
 
     async def _paged(self, path: str, envelope: str, **params: Any) -> list[dict[str, Any]]:

@@ -35,6 +35,21 @@ def test_extended_attributes_say_where_a_file_comes_from(shared_mount: Mount, se
     for attrs in (gc_dir, value, asset):
         for text in attrs.values():
             assert services.gc.token not in text and services.scenario.secret not in text
+    assert xattrs(root)["user.fsmount.services"] == "grand-challenge, scenario"
+    for name in ("assets", "collections", "models"):
+        listing = xattrs(root / "scenario" / name)
+        assert listing["user.fsmount.source"] == "scenario"
+        assert listing["user.fsmount.listing"] == name
+    # Every directory and file says something about where it comes from; a directory made of
+    # a nested relative path names its item and the path.
+    nested = []
+    for directory, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            attrs = xattrs(os.path.join(directory, name))
+            assert any(k.startswith("user.fsmount.") for k in attrs), (directory, name)
+            if "user.fsmount.relative-path" in attrs:
+                nested.append(attrs)
+    assert nested and all("user.fsmount.item" in attrs for attrs in nested)
     getfattr = subprocess.run(["getfattr", "-d", str(glb)], capture_output=True, text=True)
     if getfattr.returncode == 0:
         assert "user.fsmount.asset" in getfattr.stdout

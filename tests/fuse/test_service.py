@@ -354,6 +354,23 @@ def test_unit_notifies_ready_once_mounted_and_stopping_on_sigterm(
         run.cleanup(mountpoint)
 
 
+def test_an_unmount_from_outside_sends_stopping_and_exits_0(
+    tmp_path: Path, mounter: Mounter
+) -> None:
+    notify = NotifySocket(tmp_path / "notify")
+    try:
+        mount = mounter.start(scenario=False, env={"NOTIFY_SOCKET": str(notify.path)})
+        _, message = notify.receive(mount.proc, 60, mount.log_path)
+        assert "READY=1" in message.splitlines()
+        subprocess.run(["fusermount3", "-u", str(mount.path)], check=True)
+        assert mount.proc.wait(timeout=30) == 0, mount.logs()
+        notify.sock.settimeout(5)
+        data = notify.sock.recv(4096).decode()  # sent before the process exited
+        assert "STOPPING=1" in data.splitlines()
+    finally:
+        notify.close()
+
+
 # --- mount.fsmount ------------------------------------------------------------------------------
 
 
@@ -467,10 +484,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_status_and_metrics_count_what_a_read_cost(tmp_path: Path, mounter: Mounter) -> None:
+def test_status_and_metrics_count_what_a_read_cost(
+    tmp_path: Path, mounter: Mounter, services: DemoServices
+) -> None:
     runtime = tmp_path / "run"
     port = free_port()
     env = {status.RUNTIME_DIR_ENV: str(runtime)}
+    gc = services.gc
+    gc.log.reset()  # from here on, the fake counts exactly what this mount asks
     mount = mounter.start(
         "--metrics-port", str(port), "--archive", "demo-medical", scenario=False, env=env
     )
@@ -497,8 +518,23 @@ def test_status_and_metrics_count_what_a_read_cost(tmp_path: Path, mounter: Moun
     assert document["mountpoint"] == str(mount.path) and document["pid"] == mount.proc.pid
     assert [s["name"] for s in document["services"]] == ["grand-challenge"]
     assert document["fuse"]["bytes_served"] >= len(data) and document["fuse"]["reads"] >= 1
-    assert document["http"]["requests"] >= 1 and document["http"]["by_status"]
     assert document["cache"]["bytes"] >= len(data) and document["cache"]["misses"] >= 1
+    # The figures match what the fake Grand Challenge counted: API pages and details (200),
+    # /media/ redirects (302), storage probes and ranges (206); no retry, error or download
+    # left in flight.
+    http, cache, counted = document["http"], document["cache"], gc.log.counts()
+    media, storage = counted.get("media", 0), counted.get("storage", 0)
+    assert media >= 1 and storage >= 2
+    assert http["requests"] == sum(counted.values()), (http, counted)
+    assert http["by_status"] == {
+        "200": sum(counted.values()) - media - storage,
+        "206": storage,
+        "302": media,
+    }, (http, counted)
+    assert http["url_resolves"] == media
+    assert (http["retries"], http["errors"], cache["downloads_in_flight"]) == (0, 0, 0)
+    # Bytes: the cached blocks, plus at most one byte per size probe.
+    assert cache["bytes_fetched"] <= http["bytes_fetched"] <= cache["bytes_fetched"] + storage
     assert f"fsmount at {mount.path}" in fsmount_status()
 
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
@@ -509,6 +545,8 @@ def test_status_and_metrics_count_what_a_read_cost(tmp_path: Path, mounter: Moun
         if f.samples
     }
     assert served["fsmount_fuse_served_bytes"] >= len(data)
+    assert served["fsmount_http_requests"] == http["requests"]
+    assert served["fsmount_http_url_resolves"] == media
 
     assert mount.stop() == 0
     assert not list(runtime.iterdir()), "the socket is removed when the mount stops"

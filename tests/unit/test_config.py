@@ -158,6 +158,42 @@ def test_environment_secrets_beat_systemd_credentials_as_help_says(tmp_path: Pat
     assert (gc(), scenario()) == ("from-env", ("env-key", "env-secret"))
 
 
+def test_secret_files_follow_flag_then_environment_then_config_file(tmp_path: Path) -> None:
+    (tmp_path / "flag-token").write_text("from-flag-file\n")
+    (tmp_path / "file-token").write_text("from-config-file\n")
+    (tmp_path / "flag-creds").write_text("flag-key\nflag-secret\n")
+    (tmp_path / "file-creds").write_text("file-key\nfile-secret\n")
+    env = {
+        "GRAND_CHALLENGE_AUTHORIZATION": "from-env",
+        "SCENARIO_SDK_API_KEY": "env-key",
+        "SCENARIO_SDK_API_SECRET": "env-secret",
+    }
+    file = (
+        f'grand-challenge-token-file = "{tmp_path / "file-token"}"\n'
+        f'scenario-credentials-file = "{tmp_path / "file-creds"}"\n'
+    )
+
+    def secrets(cfg: config.Config, environ: dict[str, str]) -> tuple[str, tuple[str, str]]:
+        gc = config.grand_challenge_token_source(cfg, environ)
+        scenario = config.scenario_credentials_source(cfg, environ)
+        assert gc is not None and scenario is not None
+        return gc(), scenario()
+
+    flags = (
+        *("--grand-challenge-token-file", str(tmp_path / "flag-token")),
+        *("--scenario-credentials-file", str(tmp_path / "flag-creds")),
+    )
+    assert secrets(load(tmp_path, *flags, file=file), env) == (
+        "from-flag-file",
+        ("flag-key", "flag-secret"),
+    )
+    assert secrets(load(tmp_path, file=file), env) == ("from-env", ("env-key", "env-secret"))
+    assert secrets(load(tmp_path, file=file), {}) == (
+        "from-config-file",
+        ("file-key", "file-secret"),
+    )
+
+
 def test_no_secret_is_ever_taken_from_the_command_line() -> None:
     for opt in config.OPTIONS:
         if any(word in opt.key for word in ("token", "credential", "secret", "password")):

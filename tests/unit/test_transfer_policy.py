@@ -165,7 +165,8 @@ def test_signed_url_is_resolved_once_for_many_ranges_and_carries_no_authorizatio
 
     async def main() -> bytes:
         parts = [
-            await storage.fetch(blob, off, off + 100_000, '"v1"') for off in range(0, SIZE, 100_000)
+            (await storage.fetch(blob, off, off + 100_000, '"v1"'))[0]
+            for off in range(0, SIZE, 100_000)
         ]
         return b"".join(parts)
 
@@ -177,9 +178,9 @@ def test_signed_url_is_resolved_once_for_many_ranges_and_carries_no_authorizatio
 def test_expired_url_is_refreshed_once_on_403() -> None:
     fake = FakeStorage()
     storage, blob = storage_for(fake)
-    assert trio.run(storage.fetch, blob, 0, 10, '"v1"') == pattern(7, 0, 10)
+    assert trio.run(storage.fetch, blob, 0, 10, '"v1"') == (pattern(7, 0, 10), '"v1"')
     fake.valid_generation = 2  # the first URL now answers 403
-    assert trio.run(storage.fetch, blob, 10, 20, '"v1"') == pattern(7, 10, 10)
+    assert trio.run(storage.fetch, blob, 10, 20, '"v1"') == (pattern(7, 10, 10), '"v1"')
     assert fake.resolves == 2
 
 
@@ -187,7 +188,8 @@ def test_interrupted_body_resumes_from_the_last_byte() -> None:
     fake = FakeStorage()
     fake.cut_first = 2
     storage, blob = storage_for(fake)
-    assert trio.run(storage.fetch, blob, 5, 2_000_005, '"v1"') == pattern(7, 5, 2_000_000)
+    data, etag = trio.run(storage.fetch, blob, 5, 2_000_005, '"v1"')
+    assert (data, etag) == (pattern(7, 5, 2_000_000), '"v1"')
     ranges = [r.headers["Range"] for r in fake.requests]
     assert ranges[0] == "bytes=5-2000004"
     assert len(ranges) == 3 and ranges[1] != ranges[0] and ranges[2] != ranges[1]
@@ -200,6 +202,28 @@ def test_a_changed_etag_is_never_served_mixed() -> None:
     fake.etag = '"v2"'
     with pytest.raises(ContentChanged):
         trio.run(storage.fetch, blob, 100, 200, '"v1"')
+
+
+def test_without_a_known_etag_the_first_response_pins_the_version_for_resumes() -> None:
+    fake = FakeStorage()
+    fake.cut_first = 1
+    storage, blob = storage_for(fake)
+    data, etag = trio.run(storage.fetch, blob, 0, 1_000_000, None)
+    assert (data, etag) == (pattern(7, 0, 1_000_000), '"v1"')
+    assert "If-Range" not in fake.requests[0].headers
+    assert fake.requests[1].headers["If-Range"] == '"v1"'  # the resume names the version
+
+    class Replaced(FakeStorage):  # the object is replaced between the cut and the resume
+        def handler(self, request: httpx.Request) -> httpx.Response:
+            response = super().handler(request)
+            self.etag = '"v2"'
+            return response
+
+    fake = Replaced()
+    fake.cut_first = 1
+    storage, blob = storage_for(fake)
+    with pytest.raises(ContentChanged):
+        trio.run(storage.fetch, blob, 0, 1_000_000, None)
 
 
 def test_probe_learns_size_time_and_etag_and_empty_files_are_size_zero() -> None:
@@ -223,3 +247,26 @@ def test_expiry_is_read_from_canned_and_custom_policies_and_logs_drop_queries() 
     encoded = base64.b64encode(policy.encode()).decode().replace("+", "-").replace("=", "_")
     assert url_expiry(f"https://c/a?Policy={encoded}&Signature=x") == 1717199999.0
     assert redact("https://user:pw@c.test:8443/a/b?Signature=secret") == "https://c.test:8443/a/b"
+
+
+def test_storage_honours_retry_after() -> None:
+    fake = FakeStorage()
+    times: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        times.append(time.monotonic())
+        if len(times) == 1:
+            return httpx.Response(503, headers={"Retry-After": "0.3"})
+        return fake.handler(request)
+
+    storage = Storage(FAST, TransferStats(), transport=httpx.MockTransport(handler))
+    blob = RemoteBlob(key="k", resolve=fake.resolve, description="test object")
+    assert trio.run(storage.fetch, blob, 0, 10, '"v1"') == (pattern(7, 0, 10), '"v1"')
+    assert len(times) == 2 and times[1] - times[0] >= 0.3
+
+
+def test_a_stall_may_take_a_third_of_the_deadline_so_a_retry_fits() -> None:
+    short = HttpPolicy.within(3.0)
+    assert short.deadline == 3.0 and short.stall_timeout == 1.0 and short.connect_timeout == 1.0
+    default = HttpPolicy.within(60.0)
+    assert default.stall_timeout == 20.0 and default.connect_timeout == 10.0
