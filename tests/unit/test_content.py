@@ -1,0 +1,65 @@
+"""Content, in process: versions of a file whose size the API gave (so no ETag was known)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from fsmount.blob import RemoteBlob, SignedUrl
+from fsmount.cache.blocks import BlockStore
+from fsmount.cache.metadata import MetadataStore
+from fsmount.content import Content
+from fsmount.demo.content import pattern
+from fsmount.errors import ContentChanged
+from fsmount.transfer import HttpPolicy, Storage, TransferStats
+
+MiB = 1 << 20
+SIZE = 3 * MiB
+
+
+class Cdn:
+    """A ranged origin whose object can be replaced (new ETag, new bytes) between requests."""
+
+    def __init__(self) -> None:
+        self.version = 1
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        first, last = request.headers["Range"].removeprefix("bytes=").split("-")
+        start, end = int(first), int(last) + 1
+        etag = f'"v{self.version}"'
+        if request.headers.get("If-Range", etag) != etag:
+            return httpx.Response(
+                200, headers={"ETag": etag}, content=pattern(self.version, 0, SIZE)
+            )
+        headers = {"ETag": etag, "Content-Range": f"bytes {start}-{end - 1}/{SIZE}"}
+        return httpx.Response(
+            206, headers=headers, stream=httpx.ByteStream(pattern(self.version, start, end - start))
+        )
+
+
+async def resolve() -> SignedUrl:
+    return SignedUrl("https://cdn.test/asset.png?Signature=x", time.time() + 300)
+
+
+def test_blocks_of_a_file_with_an_api_size_never_mix_versions(tmp_path: Path) -> None:
+    cdn = Cdn()
+    policy = HttpPolicy(deadline=5.0, base_delay=0.01)
+    blob = RemoteBlob("asset", resolve, "asset", size=SIZE, mtime=1.0, version="2025-01-01")
+
+    async def main() -> None:
+        storage = Storage(policy, TransferStats(), transport=httpx.MockTransport(cdn.handler))
+        async with BlockStore(tmp_path / "blocks", budget=1 << 30, min_free=0, readahead=0) as bs:
+            with MetadataStore(tmp_path / "meta.sqlite") as meta:
+                content = Content(storage, bs, meta)
+                version = await content.stat(blob)
+                assert await content.read(blob, 0, 100, version) == pattern(1, 0, 100)
+                cdn.version = 2  # replaced on the CDN, same updatedAt
+                with pytest.raises(ContentChanged):
+                    await content.read(blob, 2 * MiB, 100, version)
+        await storage.aclose()
+
+    trio.run(main)
