@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sqlite3
 from collections.abc import Iterable
 
 import trio
@@ -24,6 +25,7 @@ from fsmount.transfer import Storage
 log = logging.getLogger(__name__)
 
 _MEMORY_ENTRIES = 200_000  # sizes and ETags kept in memory (each ~200 bytes)
+_SAVE_BATCH = 256  # probe results written to the metadata store in one transaction
 
 
 class Content:
@@ -39,6 +41,7 @@ class Content:
         self._stats: LRUCache[str, BlobStat] = LRUCache(maxsize=_MEMORY_ENTRIES)
         self._probing: dict[str, trio.Event] = {}
         self._failures: dict[str, FetchError] = {}
+        self._unsaved: dict[str, dict[str, object]] = {}  # probe results not yet on disk
         # ETags first seen, for blobs whose stat had none (a dropped one is pinned again)
         self._etags: LRUCache[str, str] = LRUCache(maxsize=_MEMORY_ENTRIES)
         self._limit = trio.CapacityLimiter(parallel)
@@ -88,9 +91,7 @@ class Content:
             if blob.mtime is not None:  # the service's own time beats the storage's
                 st = BlobStat(st.size, blob.mtime, st.etag)
             self._stats[_identity(blob)] = st
-            self._metadata.put(
-                _meta_key(blob), {"size": st.size, "mtime": st.mtime, "etag": st.etag}
-            )
+            self._unsaved[_meta_key(blob)] = {"size": st.size, "mtime": st.mtime, "etag": st.etag}
         except FetchError as exc:
             self._failures[blob.key] = exc
             log.warning("size of %s: %s", blob.description, exc)
@@ -99,7 +100,18 @@ class Content:
             log.exception("size of %s", blob.description)
         finally:
             del self._probing[blob.key]
+            if len(self._unsaved) >= _SAVE_BATCH or not self._probing:
+                self._save()
             done.set()
+
+    def _save(self) -> None:
+        """Write what probes learned in one transaction: a directory of 10,000 files costs a
+        few transactions, not 10,000. A failure costs probes after a remount, nothing now."""
+        unsaved, self._unsaved = self._unsaved, {}
+        try:
+            self._metadata.put_many(unsaved)
+        except sqlite3.Error as exc:
+            log.warning("could not keep %d sizes in the metadata cache: %s", len(unsaved), exc)
 
     async def read(
         self, blob: Blob, offset: int, length: int, version: BlobStat | None = None
@@ -138,6 +150,7 @@ class Content:
     def forget(self, blob: RemoteBlob) -> None:
         """Drop what is known of a blob's size and version (it changed, or failed)."""
         self._etags.pop(_identity(blob), None)
+        self._unsaved.pop(_meta_key(blob), None)
         if blob.size is None:
             self._stats.pop(_identity(blob), None)
             self._metadata.put(_meta_key(blob), {})
