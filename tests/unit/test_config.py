@@ -4,6 +4,7 @@ and the translation of mount(8) options (`mount.fsmount`) into the same flags.""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
@@ -413,3 +414,43 @@ def test_exit_codes_follow_mount8(
     missing = str(tmp_path / "missing")
     assert mount_helper.main(["lab", missing, "-o", "archive=a"]) == mount_helper.EXIT_MOUNT_FAILED
     assert f"mount point {missing} is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("level", "verbosity", "journal", "shown", "hidden"),
+    [
+        ("info", 0, False, "INFO", "DEBUG"),
+        ("info", 1, False, "DEBUG", None),  # -v
+        ("info", -1, False, "WARNING", "INFO"),  # -q
+        ("warning", 0, True, "WARNING", "INFO"),  # under systemd: no timestamps
+    ],
+)
+def test_logging_levels_and_journald_format(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    level: str,
+    verbosity: int,
+    journal: bool,
+    shown: str,
+    hidden: str | None,
+) -> None:
+    if journal:
+        monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
+    else:
+        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        cli.setup_logging(level, verbosity)
+        log = logging.getLogger("fsmount.test")
+        for name in ("DEBUG", "INFO", "WARNING"):
+            log.log(getattr(logging, name), "a %s line", name)
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    lines = capsys.readouterr().err.splitlines()
+    assert any(line.startswith(f"{shown} fsmount.test: a {shown} line") for line in lines) == (
+        journal
+    ), lines
+    assert any(f"{shown} fsmount.test: a {shown} line" in line for line in lines), lines
+    if hidden:
+        assert not any(f"a {hidden} line" in line for line in lines), lines
