@@ -354,6 +354,45 @@ def test_unit_notifies_ready_once_mounted_and_stopping_on_sigterm(
         run.cleanup(mountpoint)
 
 
+def test_a_restart_after_kill_9_clears_the_stale_mount_and_mounts_again(
+    tmp_path: Path, services: DemoServices
+) -> None:
+    variant = VARIANTS[0]  # the system unit; the user unit shares its Exec lines' logic
+    assert not variant.user
+    root = tmp_path / "root"
+    root.mkdir()
+    mountpoint = root / "srv" / INSTANCE
+    write_instance_config(variant, root, services, f"FSMOUNT_MOUNTPOINT={mountpoint}\n")
+    unit = Unit.read(variant.path)
+    assert unit.values("Restart") == ["on-failure"]
+    notify = NotifySocket(tmp_path / "notify")
+    first = UnitRun(variant, root, unit)
+    again: UnitRun | None = None
+    try:
+        first.prepare(notify.path)
+        proc = first.start()
+        notify.receive(proc, 60, first.log)
+        proc.kill()  # SIGKILL: no unmount, the mount point is left "not connected"
+        proc.wait()
+        with pytest.raises(OSError):
+            os.listdir(mountpoint)
+        # systemd restarts the unit: ExecStopPost, then ExecStartPre, clear the dead mount.
+        first.run_each("ExecStopPost")
+        again = UnitRun(variant, root, unit, env=first.env)
+        proc = again.start()
+        _, message = notify.receive(proc, 60, again.log)
+        assert "READY=1" in message.splitlines()
+        assert sorted(os.listdir(mountpoint)) == ["grand-challenge", "scenario"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not os.path.ismount(mountpoint)
+    finally:
+        notify.close()
+        first.cleanup(mountpoint)
+        if again is not None:
+            again.cleanup(mountpoint)
+
+
 def test_an_unmount_from_outside_sends_stopping_and_exits_0(
     tmp_path: Path, mounter: Mounter
 ) -> None:
