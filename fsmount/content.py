@@ -52,7 +52,7 @@ class Content:
         known = self._known(blob)
         if known is not None:
             return known
-        await (self._probing.get(blob.key) or self._start_probe(blob)).wait()
+        await self._probe_of(blob).wait()
         known = self._known(blob)
         if known is not None:
             return known
@@ -70,12 +70,18 @@ class Content:
         Failures are left for each file's own `stat` to report.
         """
         waits = [
-            self._probing.get(blob.key) or self._start_probe(blob)
+            self._probe_of(blob)
             for blob in blobs
             if isinstance(blob, RemoteBlob) and self._known(blob) is None
         ]
         for done in waits:
             await done.wait()
+
+    def _probe_of(self, blob: RemoteBlob) -> trio.Event:
+        """The running probe of `blob`, or a new one. (An Event has no truth value in trio:
+        `get(...) or start()` raises on a probe in progress.)"""
+        pending = self._probing.get(blob.key)
+        return pending if pending is not None else self._start_probe(blob)
 
     def _start_probe(self, blob: RemoteBlob) -> trio.Event:
         done = self._probing[blob.key] = trio.Event()

@@ -242,7 +242,7 @@ class GrandChallenge:
             stored = urlsplit(url).path.rsplit("/", 1)[-1]
             suffix = stored.rsplit(".", 1)[-1].lower() if "." in stored else ""
             if suffix in IMAGE_SUFFIXES:
-                name = f"{image['pk']}.{suffix}"
+                name = safe_name(f"{image['pk']}.{suffix}", f"{image_file['pk']}.{suffix}")
             elif suffix in LEGACY_SUFFIXES:
                 name = safe_name(stored, f"{image['pk']}.{suffix}")
             else:
