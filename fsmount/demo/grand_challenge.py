@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit, urlunsplit
 
+import trio
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -112,9 +113,11 @@ class GrandChallengeFake(FakeService):
 
     One `log` records both servers; storage requests have the kind "storage". Knobs are plain
     attributes, read on every request, so setting them from a test thread takes effect at once:
-    `url_expiry` (seconds a new signed storage URL stays valid) and `unstable_order` (item
-    pages overlap and reorder, see `_unstable_pick`). `api_faults` and `storage_faults`
-    (`FaultInjector`) make either server misbehave.
+    `url_expiry` (seconds a new signed storage URL stays valid), `unstable_order` (item
+    pages overlap and reorder, see `_unstable_pick`) and `storage_hold` (seconds each storage
+    request is held, in flight, before it is answered: overlapping requests then show in
+    `log.peak_in_flight("storage")`). `api_faults` and `storage_faults` (`FaultInjector`) make
+    either server misbehave. Item records handed out by listings count as `log.records("items")`.
     """
 
     def __init__(self, *, tls: TlsFiles | None = None, key_pair_id: str = "K2JCJMDEHXQW5F") -> None:
@@ -123,6 +126,7 @@ class GrandChallengeFake(FakeService):
         self.token = DEMO_TOKEN
         self.url_expiry = DEFAULT_URL_EXPIRY
         self.unstable_order = False
+        self.storage_hold = 0.0
         self.ca_file: Path | None = tls.ca_file if tls else None
         self._signer = UrlSigner(hashlib.sha256(DEMO_TOKEN.encode()).digest(), key_pair_id)
         self._list_requests = 0
@@ -317,7 +321,12 @@ class GrandChallengeFake(FakeService):
             archives = [a for a in archives if a.pk == wanted]
         rows = [(a, item) for a in archives for item in self.data.items(a)]
         pick = self._unstable_pick if self.unstable_order else None
-        return self._page(call, rows, lambda row: self._item_json(call, *row), pick)
+
+        def render(row: tuple[Archive, Item]) -> dict[str, Any]:
+            self.log.add_records("items")
+            return self._item_json(call, *row)
+
+        return self._page(call, rows, render, pick)
 
     def _item(self, call: _Call) -> Response:
         if call.pk is None or not _UUID.fullmatch(call.pk):
@@ -441,7 +450,10 @@ class GrandChallengeFake(FakeService):
     async def _storage_app(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         self.log.record("storage", request)
-        await self._serve_object(request)(scope, receive, send)
+        with self.log.in_flight("storage"):
+            if self.storage_hold:
+                await trio.sleep(self.storage_hold)
+            await self._serve_object(request)(scope, receive, send)
 
 
 def _without_body_for_head(request: Request, response: Response) -> Response:

@@ -20,10 +20,11 @@ import logging
 import queue
 import random
 import re
+import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
@@ -60,12 +61,20 @@ class RequestLog:
     Counters are exact and never trimmed; the entry list is bounded so that a benchmark serving
     millions of requests does not grow without limit. Thread-safe: servers record from their own
     threads while tests read from the main one.
+
+    Besides counts, it can tell how many requests of a kind were being served at once (an app
+    wraps its work in `in_flight(kind)`; `peak_in_flight(kind)` is the most at one time) and
+    how many records a listing handed out (`add_records` / `records`), kept apart from the
+    request counts.
     """
 
     def __init__(self, maxlen: int = 20_000) -> None:
         self._lock = threading.Lock()
         self._counts: collections.Counter[str] = collections.Counter()
         self._entries: collections.deque[RecordedRequest] = collections.deque(maxlen=maxlen)
+        self._in_flight: collections.Counter[str] = collections.Counter()
+        self._peaks: collections.Counter[str] = collections.Counter()
+        self._records: collections.Counter[str] = collections.Counter()
 
     def record(self, kind: str, request: Request) -> None:
         """Count `request` under `kind` and remember its method, target and headers."""
@@ -80,6 +89,32 @@ class RequestLog:
             self._counts[kind] += 1
             self._entries.append(entry)
 
+    @contextlib.contextmanager
+    def in_flight(self, kind: str) -> Iterator[None]:
+        """Mark a request of `kind` as being served for the duration of the block."""
+        with self._lock:
+            self._in_flight[kind] += 1
+            self._peaks[kind] = max(self._peaks[kind], self._in_flight[kind])
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight[kind] -= 1
+
+    def peak_in_flight(self, kind: str) -> int:
+        """The most requests of `kind` served at one time since the last `reset`."""
+        with self._lock:
+            return self._peaks[kind]
+
+    def add_records(self, kind: str, number: int = 1) -> None:
+        """Count `number` records (rows of a listing page, say) handed out under `kind`."""
+        with self._lock:
+            self._records[kind] += number
+
+    def records(self, kind: str) -> int:
+        with self._lock:
+            return self._records[kind]
+
     def count(self, kind: str) -> int:
         with self._lock:
             return self._counts[kind]
@@ -93,9 +128,12 @@ class RequestLog:
             return [e for e in self._entries if kind is None or e.kind == kind]
 
     def reset(self) -> None:
+        """Forget counts, entries and records; peaks start again from what is in flight now."""
         with self._lock:
             self._counts.clear()
             self._entries.clear()
+            self._records.clear()
+            self._peaks = +self._in_flight
 
 
 # --------------------------------------------------------------------------- JSON
@@ -352,22 +390,63 @@ def make_tls(directory: Path) -> TlsFiles:
 
 @dataclass
 class RunningServer:
-    """A server started by `start_server`; `url` has no trailing slash."""
+    """A server started by `start_server`; `url` has no trailing slash.
+
+    `refuse()` takes it down for a while, as a crashed backend is: connections to its port are
+    refused (the port stays reserved), until `resume()` serves the same app there again.
+    """
 
     url: str
     _thread: threading.Thread
     _token: trio.lowlevel.TrioToken
     _shutdown: trio.Event
     _stopped: bool = field(default=False)
+    _app: ASGIApp | None = field(default=None, repr=False)
+    _tls: TlsFiles | None = field(default=None, repr=False)
+    _placeholder: socket.socket | None = field(default=None, repr=False)
+
+    @property
+    def refusing(self) -> bool:
+        return self._placeholder is not None
 
     def stop(self) -> None:
         """Shut down (idempotent) and wait for the server thread to end."""
+        if self._placeholder is not None:
+            self._placeholder.close()
+            self._placeholder = None
         if self._stopped:
             return
         self._stopped = True
         with contextlib.suppress(trio.RunFinishedError):
             trio.from_thread.run_sync(self._shutdown.set, trio_token=self._token)
         self._thread.join(timeout=10)
+
+    def refuse(self) -> None:
+        """Stop serving and refuse connections (RST), keeping the port, until `resume()`.
+
+        A socket bound to the port but not listening holds it: the kernel answers SYNs with a
+        reset, and no other socket can take the port meanwhile.
+        """
+        if self._placeholder is not None or self._stopped:
+            return
+        port = urlsplit(self.url).port
+        self.stop()
+        holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", port))
+        self._placeholder = holder
+
+    def resume(self) -> None:
+        """Serve again on the same port after `refuse()` (a no-op when not refusing)."""
+        if self._placeholder is None:
+            return
+        assert self._app is not None
+        port = urlsplit(self.url).port
+        self._placeholder.close()
+        self._placeholder = None
+        fresh = start_server(self._app, tls=self._tls, port=port)
+        self._thread, self._token, self._shutdown = fresh._thread, fresh._token, fresh._shutdown
+        self._stopped = False
 
     def __enter__(self) -> Self:
         return self
@@ -420,14 +499,15 @@ def _server_log() -> logging.Logger:
     return log
 
 
-def start_server(app: ASGIApp, *, tls: TlsFiles | None = None) -> RunningServer:
-    """Serve `app` with hypercorn under trio in a daemon thread on 127.0.0.1, on a free port.
+def start_server(app: ASGIApp, *, tls: TlsFiles | None = None, port: int = 0) -> RunningServer:
+    """Serve `app` with hypercorn under trio in a daemon thread on 127.0.0.1, on `port` (by
+    default a free one).
 
     Returns once the socket is listening, so callers never poll for readiness. The app's own
     lifespan handlers are not run (see `_without_lifespan`).
     """
     config = Config()
-    config.bind = ["127.0.0.1:0"]
+    config.bind = [f"127.0.0.1:{port}"]
     config.loglevel = "WARNING"
     config.errorlog = _server_log()
     config.graceful_timeout = 1.0
@@ -455,7 +535,7 @@ def start_server(app: ASGIApp, *, tls: TlsFiles | None = None) -> RunningServer:
     if isinstance(started, BaseException):
         raise RuntimeError("fake server failed to start") from started
     url, token, shutdown = started
-    return RunningServer(url, thread, token, shutdown)
+    return RunningServer(url, thread, token, shutdown, _app=app, _tls=tls)
 
 
 # --------------------------------------------------------------------------- fault injection
@@ -466,17 +546,26 @@ class Faults:
     """What a `FaultInjector` does to the requests whose path matches `path_pattern`.
 
     Rates are probabilities per request, drawn from the injector's seeded generator, so a
-    sequential test sees the same faults on every run. `fail_next` is the exact form: the next
-    N matching requests fail with `error_statuses[0]`, before any rate is considered.
+    sequential test sees the same faults on every run. `scripted` and `fail_next` are the exact
+    forms, considered before any rate: the next matching requests get the `scripted` answers,
+    one each and in order (`(status, Retry-After seconds or None)`), then the next `fail_next`
+    ones fail with `error_statuses[0]`.
+
+    A full outage with connections refused is not an ASGI matter: see `RunningServer.refuse`
+    and `FakeService.refusing_connections`.
     """
 
     path_pattern: str = ""  # regex searched in the request path; "" matches everything
     latency: float = 0.0  # seconds before the answer starts (a stall before the headers)
     outage: bool = False  # every request gets 503, as from a load balancer with no backend
+    scripted: tuple[tuple[int, int | None], ...] = ()
     fail_next: int = 0
     error_rate: float = 0.0
     error_statuses: tuple[int, ...] = (429, 502, 503, 504)
     retry_after: int | None = 1  # seconds, sent with 429 and 503 errors; None: no header
+    # Scenario's cooldown form: 429 bodies are `{"reason", "remainingSeconds"}` (None: GC-style
+    # `{"detail"}` bodies, no `remainingSeconds`)
+    remaining_seconds: float | None = None
     cut_rate: float = 0.0  # the body stops half-way and the connection drops
     stall_rate: float = 0.0  # the body stops half-way for `stall_seconds`, then drops
     stall_seconds: float = 3600.0
@@ -484,10 +573,29 @@ class Faults:
 
 
 @dataclass(frozen=True)
+class InjectedFault:
+    """One fault as done to one request, for tests that check how a client reacted to it.
+
+    `kind` is "outage", "error", "cut" or "stall" (added latency alone is only counted);
+    `delivered` is how many body bytes went out before a cut or stall dropped the connection.
+    """
+
+    time: float  # time.time() when the answer was sent, or when the body stopped
+    kind: str
+    method: str
+    path: str
+    headers: dict[str, str]  # the request's, names lower-case
+    status: int | None = None
+    delivered: int | None = None
+
+
+@dataclass(frozen=True)
 class _Plan:
     latency: float
+    fault: str | None  # "outage" or "error" when `status` is set
     status: int | None
     retry_after: int | None
+    remaining_seconds: float | None
     interrupt: str | None  # "cut" or "stall"
     stall_seconds: float
     generation: int
@@ -519,7 +627,8 @@ class FaultInjector:
     It wraps a fake's app from outside, so the fakes stay faithful and every fault is available
     to every service. Knobs are set with `configure(...)` from any thread and read once per
     request. Faulted requests may never reach the app (and so its `RequestLog`); `injected`
-    counts what was done, by kind ("latency", "outage", "error", "cut", "stall").
+    counts what was done, by kind ("latency", "outage", "error", "cut", "stall"), and `events()`
+    lists the most recent faults one by one (`InjectedFault`, latency left out).
     Bytes never change: `etag_generation` only changes the validators (ETag, Last-Modified,
     If-Range), so reads stay checkable against the oracle while clients see a replaced object.
     """
@@ -531,6 +640,18 @@ class FaultInjector:
         self._random = random.Random(seed)
         self._faults = Faults()
         self.injected: collections.Counter[str] = collections.Counter()
+        self._events: collections.deque[InjectedFault] = collections.deque(maxlen=20_000)
+
+    def events(self, kind: str | None = None) -> list[InjectedFault]:
+        """The most recent faults done (oldest first), all or of one kind."""
+        with self._lock:
+            return [e for e in self._events if kind is None or e.kind == kind]
+
+    def _record(self, scope: Scope, kind: str, **details: Any) -> None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        event = InjectedFault(time.time(), kind, scope["method"], scope["path"], headers, **details)
+        with self._lock:
+            self._events.append(event)
 
     @property
     def faults(self) -> Faults:
@@ -549,6 +670,7 @@ class FaultInjector:
             self._faults = Faults()
             self._random = random.Random(self._seed)
             self.injected.clear()
+            self._events.clear()
 
     def _plan(self, path: str) -> _Plan | None:
         with self._lock:
@@ -556,7 +678,11 @@ class FaultInjector:
             if f.path_pattern and not re.search(f.path_pattern, path):
                 return None
             status = 503 if f.outage else None
-            if status is None and f.fail_next > 0:
+            retry_after = f.retry_after
+            if status is None and f.scripted:
+                (status, retry_after), rest = f.scripted[0], f.scripted[1:]
+                self._faults = dataclasses.replace(f, scripted=rest)
+            elif status is None and f.fail_next > 0:
                 self._faults = dataclasses.replace(f, fail_next=f.fail_next - 1)
                 status = f.error_statuses[0]
             if status is None and self._random.random() < f.error_rate:
@@ -572,9 +698,18 @@ class FaultInjector:
                 self.injected["outage" if f.outage else "error"] += 1
             if interrupt is not None:
                 self.injected[interrupt] += 1
-            retry_after = f.retry_after if status in (429, 503) and not f.outage else None
+            if status not in (429, 503) or f.outage:
+                retry_after = None
+            remaining = f.remaining_seconds if status == 429 else None
             return _Plan(
-                f.latency, status, retry_after, interrupt, f.stall_seconds, f.etag_generation
+                f.latency,
+                None if status is None else "outage" if f.outage else "error",
+                status,
+                retry_after,
+                remaining,
+                interrupt,
+                f.stall_seconds,
+                f.etag_generation,
             )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -585,8 +720,11 @@ class FaultInjector:
         if plan.latency:
             await trio.sleep(plan.latency)
         if plan.status is not None:
+            self._record(scope, plan.fault or "error", status=plan.status)
             headers = {} if plan.retry_after is None else {"Retry-After": str(plan.retry_after)}
-            body = {"detail": f"Injected fault: HTTP {plan.status}."}
+            body: dict[str, Any] = {"detail": f"Injected fault: HTTP {plan.status}."}
+            if plan.remaining_seconds is not None:  # Scenario's cooldown answer
+                body = {"reason": "Too Many Requests", "remainingSeconds": plan.remaining_seconds}
             await json_response(body, plan.status, headers)(scope, receive, send)
             return
         if plan.generation:
@@ -597,10 +735,9 @@ class FaultInjector:
                 else (name, value)
                 for name, value in scope["headers"]
             ]
-        await self.app(scope, receive, self._faulty_send(send, plan))
+        await self.app(scope, receive, self._faulty_send(scope, send, plan))
 
-    @staticmethod
-    def _faulty_send(send: Send, plan: _Plan) -> Send:
+    def _faulty_send(self, scope: Scope, send: Send, plan: _Plan) -> Send:
         sent = 0
         stop_at: int | None = None
 
@@ -623,7 +760,9 @@ class FaultInjector:
                 body = message.get("body", b"")
                 limit = len(body) if stop_at is None else stop_at - sent
                 if len(body) >= limit or not message.get("more_body", False):
-                    await send({**message, "body": body[: max(limit, 0)], "more_body": True})
+                    part = body[: max(limit, 0)]
+                    await send({**message, "body": part, "more_body": True})
+                    self._record(scope, plan.interrupt, delivered=sent + len(part))
                     if plan.interrupt == "stall":
                         await trio.sleep(plan.stall_seconds)
                     raise InjectedCut(plan.interrupt)
@@ -647,9 +786,24 @@ class FakeService:
         self.log.reset()
 
     def reset_faults(self) -> None:
-        """Every server back to well-behaved, its fault generator reseeded."""
+        """Every server back to well-behaved and listening, its fault generator reseeded."""
+        for server in self._servers:
+            server.resume()
         for injector in self._injectors:
             injector.reset()
+
+    @contextlib.contextmanager
+    def refusing_connections(self, *servers: RunningServer) -> Iterator[None]:
+        """A full outage for the block: the given servers (default: all) refuse connections,
+        then serve again on the same ports."""
+        chosen = servers or self._servers
+        try:
+            for server in chosen:
+                server.refuse()
+            yield
+        finally:
+            for server in chosen:
+                server.resume()
 
     def stop(self) -> None:
         for server in self._servers:

@@ -116,9 +116,10 @@ class ScenarioFake(FakeService):
 
     One `log` records both servers under the kinds in `REQUEST_KINDS` (plus "unknown" for any
     other API path). Knobs are plain attributes read on every request, so setting them from a
-    test thread takes effect at once: `url_expiry` (seconds a newly signed URL stays valid) and
+    test thread takes effect at once: `url_expiry` (seconds a newly signed URL stays valid),
     `redirect_first_hit` (the CDN answers the first request of each URL with a 302 to another
-    signed URL).
+    signed URL) and `cdn_hold` (seconds each CDN request is held, in flight, before it is
+    answered: overlapping requests then show in `log.peak_in_flight("cdn")`).
     """
 
     def __init__(self, *, tls: TlsFiles | None = None) -> None:
@@ -129,6 +130,7 @@ class ScenarioFake(FakeService):
         self.log = RequestLog()
         self.url_expiry = DEFAULT_URL_EXPIRY
         self.redirect_first_hit = False
+        self.cdn_hold = 0.0
         self.ca_file: Path | None = tls.ca_file if tls else None
         self._signer = UrlSigner(hashlib.sha256(DEMO_SECRET.encode()).digest(), KEY_PAIR_ID)
         self._lock = threading.Lock()
@@ -393,6 +395,12 @@ class ScenarioFake(FakeService):
 
     async def _cdn_get(self, request: Request) -> Response:
         self.log.record("cdn", request)
+        with self.log.in_flight("cdn"):
+            if self.cdn_hold:
+                await anyio.sleep(self.cdn_hold)
+            return await self._cdn_answer(request)
+
+    async def _cdn_answer(self, request: Request) -> Response:
         if "authorization" in request.headers:  # S3's answer to a second auth mechanism
             return _xml_error(
                 400, "InvalidArgument", "Only one auth mechanism allowed; Authorization is not"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno
-import mmap
+import json
 import os
 import shutil
 import signal
@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import Mount, Mounter, no_new_requests, wait_for
 
@@ -25,6 +26,29 @@ SMALL_ARCHIVES = ("demo-medical", "demo-edge-cases", "demo-empty", "demo-private
 HUGE = "demo-large"
 COHORT = "demo-cohort"
 API_KINDS = ("archives", "archive", "items", "item", "images", "interfaces", "gcapi")
+LS_LR = ["ls", "-lR", "--time-style=+%s"]  # one field per time, whatever the locale
+# demo-edge-cases' first item: the sockets left out (hostile path, or a path an earlier value
+# holds) and those that must show, in the fake's value order (the first claim of a path wins).
+EDGE_SKIPPED = {
+    "edge-absolute": "/etc/passwd-copy.json",
+    "edge-parent": "../escape.json",
+    "edge-double-slash": "a//b.json",
+    "edge-current-dir": "./x.json",
+    "edge-nul": "nul\x00byte.json",
+    "edge-empty-path": "",
+    "edge-trailing-slash": "dir/",
+    "edge-dup-file": "duplicate.json",  # after the value edge-dup-value
+    "edge-notes-inner": "notes/inner.csv",  # the value edge-notes is the file "notes"
+    "edge-blocked-image": "images/edge",  # the file edge-image-blocker is there first
+}
+EDGE_SHOWN = {
+    "edge-summary": "summary.json",
+    "edge-dup-value": "duplicate.json",
+    "edge-notes": "notes",
+    "edge-image-blocker": "images/edge",
+    "edge-table": "edge-files/table.csv",
+    "edge-ok-image": "images/edge-ok",
+}
 
 
 def walk(root: Path) -> tuple[dict[str, int], set[str]]:
@@ -39,6 +63,19 @@ def walk(root: Path) -> tuple[dict[str, int], set[str]]:
             path = os.path.join(current, name)
             files[os.path.normpath(os.path.join(rel, name))] = os.stat(path).st_size
     return files, dirs
+
+
+def ls_sizes(listing: str, root: Path) -> dict[str, int]:
+    """Regular files (path relative to `root` -> size) in the output of `LS_LR root`."""
+    sizes: dict[str, int] = {}
+    current = "."
+    for line in listing.splitlines():
+        if line.endswith(":") and line.startswith(str(root)):
+            current = os.path.relpath(line[:-1], root)
+        elif line.startswith("-"):
+            *_, size, _when, name = line.split(maxsplit=6)
+            sizes[os.path.normpath(os.path.join(current, name))] = int(size)
+    return sizes
 
 
 def huge_file(mount: Mount, services: DemoServices) -> tuple[Path, int]:
@@ -74,7 +111,7 @@ def test_cp_r_and_cmp_give_the_stored_bytes(shared_mount: Mount, services, tmp_p
         subprocess.run(["cmp", str(reference), str(source / path)], check=True)
 
 
-def test_images_open_in_simpleitk_and_mmap_works(shared_mount: Mount, services) -> None:
+def test_images_open_in_simpleitk(shared_mount: Mount, services) -> None:
     sitk = pytest.importorskip("SimpleITK")
     root = shared_mount.path / "grand-challenge" / "demo-medical"
     expected = services.gc.expected_archive("demo-medical")
@@ -83,8 +120,53 @@ def test_images_open_in_simpleitk_and_mmap_works(shared_mount: Mount, services) 
     for rel in images:
         image = sitk.ReadImage(str(root / rel))  # .mhd finds its .zraw by the stored name
         assert image.GetSize() == (32, 32, 8), rel
-        with open(root / rel, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-            assert m[:] == expected[rel].bytes()
+
+
+# Maps each file named on the command line and writes `<length>\n<bytes>` for it, touching the
+# pages last one first (random access, not a sequential read). It runs in a process of its own:
+# the fakes serve from threads of the test process, and a page fault taken while the GIL is held
+# (mmap slicing holds it) would stall them until the read times out and the mapping SIGBUSes.
+MMAP_READER = """
+import mmap, os, sys
+out = sys.stdout.buffer
+for path in sys.argv[1:]:
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:  # an empty file cannot be mapped
+            out.write(b"0\\n")
+            continue
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+            pages = [m[i : i + 4096] for i in reversed(range(0, len(m), 4096))]
+    data = b"".join(reversed(pages))
+    out.write(b"%d\\n" % len(data) + data)
+"""
+
+
+def mmap_read(paths: list[Path]) -> list[bytes]:
+    done = subprocess.run(
+        [sys.executable, "-c", MMAP_READER, *map(str, paths)],
+        capture_output=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr.decode(errors="replace"))
+    out, results = done.stdout, []
+    while out:
+        length, _, out = out.partition(b"\n")
+        results.append(out[: int(length)])
+        out = out[int(length) :]
+    return results
+
+
+def test_mmap_of_every_file_gives_the_expected_bytes(mounter: Mounter, services) -> None:
+    # A mount of its own: no earlier test has put these files in the page cache.
+    mount = mounter.start("--archive", "demo-medical", scenario=False)
+    root = mount.path / "grand-challenge" / "demo-medical"
+    expected = services.gc.expected_archive("demo-medical")
+    rels = sorted(expected)
+    assert len(rels) >= 20 and any(not expected[r].size for r in rels)
+    mapped = mmap_read([root / rel for rel in rels])
+    assert len(mapped) == len(rels)
+    for rel, data in zip(rels, mapped, strict=True):
+        assert data == expected[rel].bytes(), rel
 
 
 def test_values_are_json_dumps_indent_2_without_newline(shared_mount: Mount, services) -> None:
@@ -126,29 +208,33 @@ def test_ls_lr_and_du_of_1050_items_cost_pages_not_requests_per_file(
     cache = tmp_path / "cohort-cache"
     mount = mounter.start("--archive", COHORT, scenario=False, cache_dir=cache)
     root = mount.path / "grand-challenge" / COHORT
+    expected = gc.expected_archive(COHORT)
     gc.log.reset()
-    listing = subprocess.run(["ls", "-lR", str(root)], capture_output=True, text=True, check=True)
+    listing = subprocess.run([*LS_LR, str(root)], capture_output=True, text=True, check=True)
     items = sum(1 for line in listing.stdout.splitlines() if line.startswith("d"))
     assert items == len(gc.data.items(gc.data.archive(COHORT)))
+    assert ls_sizes(listing.stdout, root) == {path: p.size for path, p in expected.items()}
     du = subprocess.run(["du", "-sb", str(root)], capture_output=True, text=True, check=True)
-    expected_bytes = sum(p.size for p in gc.expected_archive(COHORT).values())
-    assert int(du.stdout.split()[0]) >= expected_bytes
     counts = gc.log.counts()
     assert counts.get("items", 0) <= 3, counts  # 1,050 items: two pages of 1,000
     assert counts.get("item", 0) == 0 and counts.get("images", 0) == 0, counts
-    assert counts.get("storage", 0) <= len(gc.expected_archive(COHORT)), counts
+    assert counts.get("storage", 0) <= len(expected), counts
 
     # A second look at the same mount makes no request at all.
     with no_new_requests(gc.log, *API_KINDS, "media", "storage"):
-        subprocess.run(["ls", "-lR", str(root)], capture_output=True, check=True)
+        subprocess.run([*LS_LR, str(root)], capture_output=True, check=True)
         subprocess.run(["du", "-sb", str(root)], capture_output=True, check=True)
+        # du -b adds the directories' own apparent sizes to the files' (exactly, no rounding)
+        dirs = [root, *(root / d for d in gc.expected_dirs(COHORT))]
+        dir_bytes = sum(os.stat(d).st_size for d in dirs)
+    assert int(du.stdout.split()[0]) == sum(p.size for p in expected.values()) + dir_bytes
 
     # After a remount on the same cache, sizes are remembered: only listing pages are asked.
     assert mount.stop() == 0
     mount = mounter.start("--archive", COHORT, scenario=False, cache_dir=cache)
     gc.log.reset()
     again = subprocess.run(
-        ["ls", "-lR", str(mount.path / "grand-challenge" / COHORT)],
+        [*LS_LR, str(mount.path / "grand-challenge" / COHORT)],
         capture_output=True,
         text=True,
         check=True,
@@ -161,16 +247,81 @@ def test_ls_lr_and_du_of_1050_items_cost_pages_not_requests_per_file(
     assert counts.get("items", 0) <= 3, counts
 
 
+def align_unstable_pages(gc, archive_pk: str, total: int) -> None:
+    """Make the next listing's second page of 1,000 overlap its first by 200 records.
+
+    With `unstable_order`, the fake shifts list request n's window back by `(n % 3) * 100`
+    rows (`_unstable_pick`): the page at offset 1,000 tells the current `n % 3` by its length,
+    and a few more requests make the next listing's second request land on a shift of 2.
+    """
+
+    def second_page() -> int:
+        response = httpx.get(
+            gc.api_url + "archives/items/",
+            params={"archive": archive_pk, "limit": 1000, "offset": 1000},
+            headers={"Authorization": f"Bearer {gc.token}"},
+            timeout=60,
+        )
+        response.raise_for_status()
+        return len(response.json()["results"])
+
+    shift, rest = divmod(second_page() - (total - 1000), 100)
+    assert rest == 0 and shift in (0, 1, 2), shift
+    for _ in range(-shift % 3):  # the listing's pages come next: n + 1 and n + 2
+        second_page()
+
+
+def test_size_probes_of_a_listing_run_in_parallel(mounter: Mounter, services) -> None:
+    gc = services.gc
+    slug = "demo-medical"
+    expected = gc.expected_archive(slug)
+    # The item whose own directory holds the most stored files (sizes the API does not give).
+    candidates = {}
+    for item in gc.data.items(gc.data.archive(slug)):
+        values = {v.socket.relative_path for v in item.values if v.socket.super_kind == "Value"}
+        candidates[item.pk] = {
+            path.split("/", 1)[1]
+            for path in expected
+            if path.startswith(f"{item.pk}/") and path.count("/") == 1
+        } - values
+    pk = max(candidates, key=lambda k: len(candidates[k]))
+    stored = candidates[pk]
+    assert len(stored) >= 3, candidates
+    mount = mounter.start("--archive", slug, scenario=False)
+    item = mount.path / "grand-challenge" / slug / pk
+    os.listdir(item.parent)  # the item list, before counting
+    gc.log.reset()
+    gc.storage_hold = 0.5  # one after the other, the probes would take 0.5 s each
+    try:
+        listing = subprocess.run(
+            [*LS_LR, str(item)], capture_output=True, text=True, check=True, timeout=120
+        )
+    finally:
+        gc.storage_hold = 0.0
+    probes = [e for e in gc.log.entries("storage") if e.headers.get("range") == "bytes=0-0"]
+    assert len(probes) >= len(stored), gc.log.counts()
+    peak = gc.log.peak_in_flight("storage")
+    assert peak > 1, f"{len(probes)} size probes, never more than {peak} in flight at once"
+    wanted = {path: p.size for path, p in expected.items() if path.startswith(f"{pk}/")}
+    assert ls_sizes(listing.stdout, item.parent) == wanted
+
+
 def test_items_are_deduplicated_when_pages_move(mounter: Mounter, services) -> None:
     gc = services.gc
+    archive = gc.data.archive(COHORT)
+    expected = {item.pk for item in gc.data.items(archive)}
     gc.unstable_order = True
     try:
+        align_unstable_pages(gc, archive.pk, len(expected))
+        gc.log.reset()
         mount = mounter.start("--archive", COHORT, scenario=False)
         names = os.listdir(mount.path / "grand-challenge" / COHORT)
+        served = gc.log.records("items")
     finally:
         gc.unstable_order = False
-    expected = {item.pk for item in gc.data.items(gc.data.archive(COHORT))}
     assert sorted(names) == sorted(expected)
+    # The overlap really reached the client: it was handed duplicates and showed each item once.
+    assert served > len(expected), f"{served} item records served for {len(expected)} items"
 
 
 def test_everything_is_read_only(shared_mount: Mount) -> None:
@@ -201,15 +352,65 @@ def test_everything_is_read_only(shared_mount: Mount) -> None:
     assert stat.S_IMODE(st.st_mode) == 0o444 and st.st_uid == os.getuid()
 
 
-def test_hostile_paths_stay_inside_their_item(shared_mount: Mount) -> None:
+def test_hostile_paths_stay_inside_their_item(shared_mount: Mount, services) -> None:
+    gc = services.gc
     archive = shared_mount.path / "grand-challenge" / "demo-edge-cases"
-    for current, dirnames, filenames in os.walk(archive):
-        for name in dirnames + filenames:
-            real = os.path.realpath(os.path.join(current, name))
-            assert real.startswith(str(archive) + "/")
-            assert name not in ("..", ".", "") and "\0" not in name
-    assert not list(shared_mount.path.rglob("passwd*"))
-    assert not list(shared_mount.path.rglob("escape*"))
+    expected = gc.expected_archive("demo-edge-cases")
+    pks = {item.pk for item in gc.data.items(gc.data.archive("demo-edge-cases"))}
+    # Nothing landed beside the items, beside the archives or at the root (`..`, absolute).
+    assert sorted(os.listdir(shared_mount.path)) == ["grand-challenge", "scenario"]
+    assert set(os.listdir(archive.parent)) == set(gc.archive_slugs())
+    assert set(os.listdir(archive)) == pks
+    found: set[str] = set()
+    for pk in pks:
+        item = archive / pk
+        for current, dirnames, filenames in os.walk(item):
+            for name in dirnames + filenames:
+                assert name not in ("..", ".", "") and "\0" not in name
+                path = os.path.join(current, name)
+                assert os.path.realpath(path).startswith(f"{item}/"), path
+                assert not os.path.islink(path), path
+            found.update(os.path.relpath(os.path.join(current, n), archive) for n in filenames)
+    assert found == set(expected)  # every surviving value shows, and nothing else
+    (hostile,) = (pk for pk in pks if any(p.startswith(f"{pk}/images/") for p in expected))
+    for rel in EDGE_SHOWN.values():
+        assert (archive / hostile / rel).exists(), rel
+    assert not (archive / hostile / "notes").is_dir()  # the first claim (a file) won
+    assert (archive / hostile / "images" / "edge").is_file()
+    assert not any("passwd" in p or "escape" in p or "inner" in p for p in found)
+
+
+def test_skipped_values_are_logged_and_the_rest_of_the_item_shows(mounter: Mounter, services):
+    gc = services.gc
+    mount = mounter.start("--archive", "demo-edge-cases", scenario=False)
+    root = mount.path / "grand-challenge" / "demo-edge-cases"
+    expected = gc.expected_archive("demo-edge-cases")
+    (hostile,) = (
+        item for item in gc.data.items(gc.data.archive("demo-edge-cases")) if len(item.values) > 1
+    )
+    assert {v.socket.slug for v in hostile.values} == set(EDGE_SKIPPED) | set(EDGE_SHOWN)
+    relative_paths = {v.socket.slug: v.socket.relative_path for v in hostile.values}
+    assert relative_paths == {**EDGE_SKIPPED, **EDGE_SHOWN}
+
+    files, dirs = walk(root)
+    assert files == {path: payload.size for path, payload in expected.items()}
+    assert dirs == gc.expected_dirs("demo-edge-cases")
+    for path, payload in expected.items():
+        assert (root / path).read_bytes() == payload.bytes(), path
+    assert json.loads((root / hostile.pk / "duplicate.json").read_text()) == {"first": True}
+
+    def skip_lines() -> list[str]:
+        return [line for line in mount.logs().splitlines() if "skipping" in line]
+
+    def names_every_skipped_socket() -> bool:
+        lines = skip_lines()
+        return all(any(f"'{slug}'" in line for line in lines) for slug in EDGE_SKIPPED)
+
+    wait_for(names_every_skipped_socket, 30, f"a log line for each of {sorted(EDGE_SKIPPED)}")
+    for line in skip_lines():
+        assert not any(f"'{slug}'" in line for slug in EDGE_SHOWN), line
+        assert hostile.pk in line, line
+        assert gc.token not in line
 
 
 def test_storage_never_sees_the_api_token(shared_mount: Mount, services) -> None:

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from conftest import Mount, Mounter, wait_for
@@ -128,17 +130,142 @@ def test_one_signed_url_serves_many_ranges_and_is_asked_again_after_expiry(
         sc.url_expiry = 86400
 
 
+def signature(url: str) -> str:
+    """The signature of a signed CDN URL (a redirect's target carries one of its own)."""
+    return parse_qs(urlsplit(url).query)["Signature"][0]
+
+
+def test_a_403_from_the_cdn_asks_for_a_new_url_once_and_the_read_succeeds(
+    mounter: Mounter, services
+) -> None:
+    sc = services.scenario
+    mount = mounter.start(gc=False)
+    png, _ = poster(services)
+    path = png.replace(".png", ".gif")
+    expected = sc.expected_tree()[path]
+    target = mount.path / "scenario" / path
+    sc.log.reset()
+    assert os.stat(target).st_size == expected.size  # the probe: a URL valid for a day
+    downloads, cdn = sc.log.count("download"), sc.log.count("cdn")
+    assert downloads == 1
+    sc.cdn_faults.configure(fail_next=1, error_statuses=(403,))
+    try:
+        assert target.read_bytes() == expected.data
+        assert sc.cdn_faults.faults.fail_next == 0, "the 403 was never served"
+    finally:
+        sc.reset_faults()
+    assert sc.log.count("download") == downloads + 1  # asked again once, after the 403
+    assert sc.log.count("cdn") > cdn  # the refused request never reached the app's log
+
+
+def test_many_ranges_of_one_file_ask_for_its_url_once(mounter: Mounter, services) -> None:
+    sc = services.scenario
+    expected = sc.expected_tree()
+    # The largest file of the samples (one 1 MiB block at most): its first download is cut
+    # half-way, so its bytes come in two CDN ranges, after the size probe's.
+    path = max((p for p in expected if p.startswith("assets/")), key=lambda p: expected[p].size)
+    data = expected[path].data
+    assert len(data) > 512 * 1024
+    mount = mounter.start(gc=False)
+    sc.log.reset()
+    target = mount.path / "scenario" / path
+    assert os.stat(target).st_size == len(data)
+
+    def read_in_ranges() -> dict[int, bytes]:
+        step = 24 * 1024 + 7  # not aligned with pages or blocks
+        with open(target, "rb", buffering=0) as f:
+            return {
+                offset: os.pread(f.fileno(), step, offset)
+                for offset in reversed(range(0, len(data), step))
+            }
+
+    sc.cdn_faults.configure(cut_rate=1.0)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            reading = pool.submit(read_in_ranges)
+            wait_for(lambda: sc.cdn_faults.injected["cut"] >= 1 or reading.done(), 60, "a cut body")
+            sc.cdn_faults.configure(cut_rate=0.0)  # the resumes go through
+            pieces = reading.result(timeout=120)
+        assert sc.cdn_faults.injected["cut"] >= 1
+    finally:
+        sc.reset_faults()
+    for offset, piece in pieces.items():
+        assert piece == data[offset : offset + len(piece)] and piece, offset
+    assert b"".join(pieces[o] for o in sorted(pieces)) == data
+    cdn = sc.log.entries("cdn")
+    assert len(cdn) >= 3, [e.headers.get("range") for e in cdn]
+    assert sc.log.count("download") == 1
+    assert len({signature(e.url) for e in cdn}) == 1  # one signed URL for every range
+    assert all("authorization" not in e.headers for e in cdn)
+
+
+def test_native_sizes_come_from_the_listing_without_any_download(
+    mounter: Mounter, services
+) -> None:
+    sc = services.scenario
+    expected = sc.expected_tree()
+    natives: dict[str, str] = {}  # one native file per extension: png, jpg, glb, mp4
+    for path, e in expected.items():
+        if path.startswith("assets/") and e.target_format is None:
+            natives.setdefault(path.rsplit(".", 1)[1], path)
+    assert {"png", "jpg", "glb", "mp4"} <= set(natives), natives
+    mount = mounter.start(gc=False)
+    sc.log.reset()
+    for path in natives.values():  # looked up by name, the directory never listed first
+        assert os.stat(mount.path / "scenario" / path).st_size == expected[path].size, path
+    assert sc.log.count("assets") >= 1  # the lookups did go to the API: listing pages
+    assert sc.log.count("download") == 0 and sc.log.count("cdn") == 0, sc.log.counts()
+
+
+def test_cdn_size_probes_of_a_listing_run_in_parallel(mounter: Mounter, services) -> None:
+    sc = services.scenario
+    expected = sc.expected_tree()
+    assets = {p: e for p, e in expected.items() if p.startswith("assets/")}
+    converted = [p for p, e in assets.items() if e.target_format is not None]
+    mount = mounter.start(gc=False)
+    sc.log.reset()
+    sc.cdn_hold = 0.05  # one after the other, the probes would take 0.05 s each at least
+    try:
+        listing = subprocess.run(
+            ["ls", "-l", str(mount.path / "scenario/assets")],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=240,
+        )
+    finally:
+        sc.cdn_hold = 0.0
+    assert sc.log.count("cdn") >= len(converted)
+    peak = sc.log.peak_in_flight("cdn")
+    assert peak > 1, f"{sc.log.count('cdn')} CDN probes, never more than {peak} at once"
+    sizes = {
+        f"assets/{line.split()[-1]}": int(line.split()[4])
+        for line in listing.stdout.splitlines()
+        if line.startswith("-")
+    }
+    assert sizes == {p: e.size for p, e in assets.items()}
+
+
 def test_cdn_redirects_are_followed(mounter: Mounter, services) -> None:
     sc = services.scenario
     sc.redirect_first_hit = True
     try:
         mount = mounter.start(gc=False)
         expected = sc.expected_tree()
-        glbs = [p for p in expected if p.startswith("assets/") and p.endswith(".obj")]
-        for path in glbs:
+        objs = [p for p in expected if p.startswith("assets/") and p.endswith(".obj")]
+        assert objs
+        sc.log.reset()
+        for path in objs:
             assert (mount.path / "scenario" / path).read_bytes() == expected[path].data
     finally:
         sc.redirect_first_hit = False
+    # Every file's first CDN hit was answered with a 302, whose target (it carries `hop`) the
+    # client then fetched.
+    hops = [e for e in sc.log.entries("cdn") if "hop" in parse_qs(urlsplit(e.url).query)]
+    for path in objs:
+        asset_id = expected[path].asset_id
+        assert any(f"/{asset_id}" in e.url for e in hops), path
+    assert all("authorization" not in e.headers for e in sc.log.entries("cdn"))
 
 
 def test_wrong_credentials_fail_before_mounting(mounter: Mounter, tmp_path) -> None:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import posixpath
+from collections.abc import Iterator
+from unittest import mock
+from urllib.parse import quote
 
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fsmount.blob import InlineBlob
+from fsmount.sources.grand_challenge import GrandChallenge
 from fsmount.tree import (
     Directory,
     File,
@@ -85,27 +91,143 @@ def test_builder_places_nested_files_and_first_claim_wins(caplog) -> None:
     assert "escape" in caplog.text and "already taken" in caplog.text
 
 
-@given(st.lists(st.text(min_size=0, max_size=12), min_size=1, max_size=12))
-def test_no_path_ever_leaves_its_directory_and_names_are_unique(paths: list[str]) -> None:
-    base = Directory("item", "root/item", ctx(), children=[])
-    builder = PathBuilder(base, ctx())
-    for index, path in enumerate(paths):
-        builder.add_file(path, file_at(), f"value {index}")
-    tree = walk(builder.nodes())
-    for path, node in tree.items():
-        assert path.startswith("root/item/")
-        parts = path.split("/")[2:]
-        assert all(p not in ("", ".", "..") and "\0" not in p for p in parts)
-        assert node.name == parts[-1]
-    assert len(tree) == len(set(tree))
+# Path parts an API could send, chosen to hit every rule: traversal, empty and absolute parts,
+# separators inside names, NUL, non-ASCII; joined into components, then into paths.
+PARTS = ["..", ".", "", "/", "\0", "a", "b", "é"]
+components = st.lists(st.sampled_from(PARTS), min_size=1, max_size=3).map("".join)
+hostile_paths = st.lists(components, min_size=1, max_size=5).map("/".join)
+any_path = st.one_of(hostile_paths, st.text(max_size=12))
 
 
-@given(st.lists(st.tuples(st.text(max_size=8), st.text(min_size=1, max_size=6)), max_size=10))
+def is_one_safe_component(name: str) -> bool:
+    return (
+        name not in ("", ".", "..")
+        and "/" not in name
+        and "\0" not in name
+        and len(name.encode("utf-8", "surrogateescape")) <= 255
+    )
+
+
+@contextlib.contextmanager
+def raw_listings() -> Iterator[list[tuple[str, list[str]]]]:
+    """Record the child lists every directory is built from, before `_index` drops clashes
+    (checking a dict's keys would hide duplicates)."""
+    seen: list[tuple[str, list[str]]] = []
+    index = Directory._index
+
+    def recording(self: Directory, nodes: list[Node]) -> dict[str, Node]:
+        seen.append((self.path, [node.name for node in nodes]))
+        return index(self, nodes)
+
+    with mock.patch.object(Directory, "_index", recording):
+        yield seen
+
+
+def assert_inside(parent: str, nodes: list[Node]) -> None:
+    """Every node is one safe component below `parent`, and resolving it stays there."""
+    for node in nodes:
+        assert is_one_safe_component(node.name), node.name
+        assert node.path == f"{parent}/{node.name}", (parent, node.path)
+        resolved = posixpath.normpath(posixpath.join("/", parent, node.name))
+        assert posixpath.dirname(resolved) == "/" + parent, (parent, node.name, resolved)
+        if isinstance(node, Directory):
+            assert_inside(node.path, list(trio.run(node.children).values()))
+
+
+@given(
+    st.lists(
+        st.tuples(st.booleans(), any_path, st.lists(components, max_size=3)),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_no_path_ever_leaves_its_directory_and_names_are_unique(values) -> None:
+    """Values at arbitrary `relative_path`s (files, or image directories holding files)."""
+    with raw_listings() as listings:
+        base = Directory("item", "root/item", ctx(), children=[])
+        builder = PathBuilder(base, ctx())
+        placed: list[str] = []
+        for index, (is_image, path, names) in enumerate(values):
+            if is_image:  # file names in it come from the source, made safe as sources must
+                safe = (safe_name(name, f"f{n}") for n, name in enumerate(names))
+                files = [(name, file_at()) for name in dict.fromkeys(safe)]
+                if builder.add_files_in(path, files, f"image {index}"):
+                    placed += [f"{path}/{name}" if path else name for name, _ in files]
+            elif builder.add_file(path, file_at(), f"value {index}"):
+                placed.append(path)
+        nodes = builder.nodes()
+        assert_inside("root/item", nodes)
+        tree = walk(nodes)
+    listings.append(("root/item", [node.name for node in nodes]))
+    for path, names in listings:
+        assert len(names) == len(set(names)), (path, names)
+    # What was accepted is where it was asked to be; nothing else is there.
+    files = {p for p, node in tree.items() if isinstance(node, File)}
+    assert files == {f"root/item/{p}" for p in placed}
+    for path in placed:
+        assert is_normal_relative_path(path), path
+
+
+@given(
+    st.lists(
+        st.tuples(st.one_of(hostile_paths, st.text(max_size=8)), st.text(min_size=1, max_size=6)),
+        max_size=10,
+    )
+)
 def test_directory_names_from_services_are_safe_and_distinct(entries) -> None:
+    """Collection and model names (with their ids) become one directory each."""
     pairs = [(safe_name(name, ident), ident) for name, ident in entries]
-    idents = [ident for _, ident in entries]
     names = unique_names(pairs)
+    assert len(names) == len(entries)
     for name in names:
-        assert "/" not in name and "\0" not in name and not name.startswith(".")
-    if len(set(idents)) == len(idents):
-        assert len(set(names)) == len(names)
+        assert is_one_safe_component(name) and not name.startswith("."), name
+        resolved = posixpath.normpath(posixpath.join("/scenario/collections", name))
+        assert posixpath.dirname(resolved) == "/scenario/collections", name
+    idents = [ident for _, ident in entries]
+    if len(set(idents)) == len(idents):  # the services' ids are unique
+        assert len(set(names)) == len(names), names
+        with raw_listings() as listings:
+            parent = Directory("collections", "scenario/collections", ctx(), children=[])
+            children = [File(name, parent.child_path(name)) for name in names]
+            Directory("collections", "scenario/collections", ctx(), children=children)
+        assert all(len(set(listed)) == len(listed) for _, listed in listings)
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["Value", "File", "Image"]), any_path, components, components),
+        min_size=1,
+        max_size=10,
+    )
+)
+def test_grand_challenge_values_at_any_path_stay_inside_their_item(values) -> None:
+    """What the API sends (relative paths, image pks, stored file names) through the source's
+    own placement: nothing outside the item, no two entries with one name."""
+    context = ctx()
+    source = GrandChallenge(api=None, ctx=context, metadata=None)  # type: ignore[arg-type]
+    with raw_listings() as listings:
+        item = Directory("item", "grand-challenge/a/item", context, children=[])
+        builder = PathBuilder(item, context)
+        images: dict[str, dict] = {}
+        for index, (kind, path, image_pk, stored) in enumerate(values):
+            value = {
+                "pk": index,
+                "interface": {"super_kind": kind, "relative_path": path, "slug": f"s{index}"},
+                "value": index,
+                "file": f"https://gc.test/media/files/{index}/{quote(stored)}",
+                "image": f"https://gc.test/api/v1/cases/images/{index}/",
+            }
+            images[value["image"]] = {
+                "pk": image_pk,
+                "files": [
+                    {"pk": f"{index}a", "file": f"https://gc.test/media/i/{quote(stored)}.mha"},
+                    {"pk": f"{index}b", "file": f"https://gc.test/media/i/{quote(stored)}.mhd"},
+                ],
+            }
+            with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
+                source._place(builder, value, images, "a", "item")  # as the item loader does
+        nodes = builder.nodes()
+        assert_inside("grand-challenge/a/item", nodes)
+    listings.append(("grand-challenge/a/item", [node.name for node in nodes]))
+    for path, names in listings:
+        assert len(names) == len(set(names)), (path, names)
