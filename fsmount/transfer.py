@@ -212,11 +212,12 @@ class _Clients:
     def __init__(self, policy: HttpPolicy, **options: Any) -> None:
         shards = min(_POOL_SHARDS, policy.max_connections)
         per_shard = max(1, policy.max_connections // shards)
+        tls = tls_context()  # the trust store is read once, not once per client
         self._clients = [
             httpx.AsyncClient(
                 timeout=httpx.Timeout(policy.stall_timeout, connect=policy.connect_timeout),
                 limits=httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard),
-                verify=tls_context(),
+                verify=tls,
                 **options,
             )
             for _ in range(shards)
