@@ -568,7 +568,7 @@ def test_no_secret_in_logs_argv_or_storage_requests(mounter: Mounter, services):
 def test_soak_parallel_readers_with_every_fault_on(mounter: Mounter, services):
     """A bounded soak: zero wrong bytes, no leaked mount, bounded memory, and every reader gets
     the new version after an ETag change and carries on after an outage."""
-    seconds = float(os.environ.get("FSMOUNT_SOAK_SECONDS", "150"))
+    seconds = float(os.environ.get("FSMOUNT_SOAK_SECONDS", "180"))
     gc = services.gc
     mount = mounter.start("--timeout", "20", "--cache-size", "256M", scenario=False)
     path = huge(mount, services)
