@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import multiprocessing
@@ -488,6 +489,69 @@ def test_blocks_persist_across_instances_without_fetching(tmp_path: Path) -> Non
     run(main)
 
 
+@pytest.mark.parametrize("refuse", ["open", "write"])
+def test_filesystem_refusing_o_direct_gets_buffered_blocks_of_the_same_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse: str
+) -> None:
+    """Some filesystems (older tmpfs, some network filesystems) answer O_DIRECT with EINVAL,
+    at open or at the first write: the block is written buffered instead, byte for byte the
+    same file, and the store stops trying O_DIRECT."""
+    attempts = []
+    real_open, real_write = os.open, os.write
+    direct_fds: set[int] = set()
+
+    def open_(path: str, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_DIRECT:
+            attempts.append(path)
+            if refuse == "open":
+                raise OSError(errno.EINVAL, "Invalid argument")
+            fd = real_open(path, flags, mode)
+            direct_fds.add(fd)
+            return fd
+        return real_open(path, flags, mode)
+
+    def write(fd: int, data: bytes) -> int:
+        if fd in direct_fds:
+            direct_fds.discard(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "write", write)
+    origin = Origin(3 * MiB + 5)
+
+    async def main() -> None:
+        async with BlockStore(tmp_path, budget=GiB, min_free=0, readahead=0) as store:
+            await read_all(store, "k", origin)
+        monkeypatch.undo()
+        async with BlockStore(tmp_path, budget=GiB, min_free=0, readahead=0) as store:
+            await read_all(store, "k", origin)  # asserts the bytes
+            assert store.stats().disk_reads == 4 and store.stats().corrupt_blocks == 0
+
+    run(main)
+    assert len(attempts) == 1  # the first block tried O_DIRECT; the other three did not
+    assert sorted(block_files(tmp_path).values()) == [5 + HEADER_SIZE] + [MiB + HEADER_SIZE] * 3
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_blocks_are_written_page_aligned_with_a_zero_padded_header_page(tmp_path: Path) -> None:
+    """The data starts at HEADER_SIZE (a page) so that O_DIRECT can write the file; the last
+    block of an object is padded for that write and then truncated to its exact length."""
+    origin = Origin(MiB + 100)
+
+    async def main() -> None:
+        async with BlockStore(tmp_path, budget=GiB, min_free=0, readahead=0) as store:
+            await read_all(store, "k", origin)
+
+    run(main)
+    files = {int(name.rpartition("-")[2]): tmp_path / name for name in block_files(tmp_path)}
+    for index, length in ((0, MiB), (1, 100)):
+        raw = files[index].read_bytes()
+        assert len(raw) == HEADER_SIZE + length
+        assert raw[:4] == b"FSMB" and raw[44:HEADER_SIZE] == bytes(HEADER_SIZE - 44)
+        assert raw[HEADER_SIZE:] == origin.expect(index * MiB, length)
+
+
 def test_sequential_reads_of_a_cached_block_verify_it_once(tmp_path: Path) -> None:
     origin = Origin(8 * MiB)
 
@@ -565,13 +629,13 @@ def _die_mid_write(directory: str, size: int, complete: int) -> None:
     real_write = blocks._write_block_file
 
     def write_then_die(
-        tmp: Path, final: str, ref: blocks._Ref, data: bytes, victims: list[str]
-    ) -> None:
+        tmp: Path, final: str, ref: blocks._Ref, data: bytes, victims: list[str], direct: bool
+    ) -> bool:
         if final.endswith(f"-{complete}"):
             with open(tmp, "wb") as f:
                 f.write(blocks._header(ref, data) + data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
-        real_write(tmp, final, ref, data, victims)
+        return real_write(tmp, final, ref, data, victims, direct)
 
     blocks._write_block_file = write_then_die
     origin = Origin(size)
