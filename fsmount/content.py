@@ -135,7 +135,7 @@ class Content:
 
         ident = _identity(blob)
 
-        async def fetch(start: int, end: int) -> bytes:
+        async def fetch(start: int, end: int) -> list[bytes]:
             # Sizes the API gave come without an ETag: the first range read pins one, so the
             # blocks of one file never come from two versions.
             etag = st.etag or self._etags.get(ident)

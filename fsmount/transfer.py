@@ -419,9 +419,10 @@ class Storage:
 
     async def fetch(
         self, blob: RemoteBlob, start: int, end: int, etag: str | None
-    ) -> tuple[bytes, str | None]:
+    ) -> tuple[list[bytes], str | None]:
         """Bytes `[start, end)` of the blob's version `etag`, resuming after interruptions,
-        with the ETag storage sent for them.
+        with the ETag storage sent for them. The bytes come as the body's chunks, in order
+        and not joined (the block store cuts them into blocks with one copy).
 
         With `etag` None, the first response's ETag pins the version for the resumes, so the
         pieces of one range never come from two versions either.
@@ -472,9 +473,9 @@ class Storage:
             return h
 
         if end <= start:
-            return b"", etag
+            return [], etag
         await self._exchange(blob, headers, handle, f"bytes {start}-{end - 1}")
-        return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), pinned  # one copy at most
+        return chunks, pinned
 
     async def _exchange(
         self,

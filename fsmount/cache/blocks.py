@@ -38,8 +38,12 @@ from fsmount.errors import FetchError
 
 log = logging.getLogger(__name__)
 
-Fetch = Callable[[int, int], Awaitable[bytes]]
-"""`(start, end_exclusive) -> exactly those bytes of the object`, or raises."""
+Fetch = Callable[[int, int], Awaitable[bytes | list[bytes]]]
+"""`(start, end_exclusive) -> exactly those bytes of the object`, or raises.
+
+The bytes may come as consecutive pieces (an HTTP body's chunks, as received): the store cuts
+them into blocks with one copy, where joining them first would cost a second copy of the
+whole range, and an allocation of its size, per request."""
 
 # A block file is a header page followed by the block's bytes. The header names what the block
 # is (key digest, index, length), every field of which is checked against what the reader
@@ -58,7 +62,7 @@ _LOCKS = "locks"  # "<instance>.lock", flock-ed by its living process for as lon
 _SHARD_NAME = re.compile("[0-9a-f]{2}")  # blocks live in "<shard>/<key digest>-<block index>"
 _BLOCK_NAME = re.compile("[0-9a-f]{32}-[0-9]+")
 
-_READAHEAD_CHUNK = 4 << 20  # bytes per readahead request (rounded to whole blocks)
+_READAHEAD_CHUNK = 8 << 20  # bytes per readahead request (rounded to whole blocks)
 _TOUCH_INTERVAL = 600.0  # seconds between mtime updates of a block file that keeps being read
 # A read at most this many of its own lengths past the last one still counts as sequential:
 # the kernel's parallel readahead requests of one reader overtake each other by a few.
@@ -421,21 +425,25 @@ class BlockStore:
         return data
 
     async def _download(self, ref: _Ref, fetch: Fetch) -> bytes:
-        data = await self._fetch(fetch, ref.start, ref.end)
+        (data,) = await self._fetch(fetch, [ref])
         await self._store(ref, data)
         return data
 
-    async def _fetch(self, fetch: Fetch, start: int, end: int) -> bytes:
+    async def _fetch(self, fetch: Fetch, run: list[_Ref]) -> list[bytes]:
+        """The blocks of a run of consecutive blocks, fetched in one request."""
+        start, end = run[0].start, run[-1].end
         self._downloads += 1
         try:
-            data = await fetch(start, end)
+            got = await fetch(start, end)
         finally:
             self._downloads -= 1
-        if len(data) != end - start:
-            raise FetchError.eio(f"asked for {end - start} bytes at {start}, got {len(data)}")
+        pieces = [got] if isinstance(got, bytes) else got
+        length = sum(map(len, pieces))
+        if length != end - start:
+            raise FetchError.eio(f"asked for {end - start} bytes at {start}, got {length}")
         self._counters["fetches"] += 1
-        self._counters["bytes_fetched"] += len(data)
-        return data
+        self._counters["bytes_fetched"] += length
+        return _cut(pieces, [ref.end - ref.start for ref in run])
 
     async def _store(self, ref: _Ref, data: bytes) -> None:
         """Keep a downloaded block on disk if the budget and free space allow, and in memory.
@@ -714,11 +722,8 @@ class BlockStore:
         report it."""
         pending = dict(zip((ref.name for ref in run), flights, strict=True))
         try:
-            base = run[0].start
-            data = await self._fetch(fetch, base, run[-1].end)
-            view = memoryview(data)
-            for ref, flight in zip(run, flights, strict=True):
-                block = data if len(run) == 1 else bytes(view[ref.start - base : ref.end - base])
+            blocks = await self._fetch(fetch, run)
+            for ref, flight, block in zip(run, flights, blocks, strict=True):
                 await self._store(ref, block)
                 flight.data = block
                 del self._flights[ref.name]
@@ -822,6 +827,30 @@ def _digest(block_size: int, key: str) -> bytes:
     """Name blocks by key and block size, so stores with another block size never mix."""
     material = f"{_FORMAT}\n{block_size}\n{key}".encode("utf-8", "surrogatepass")
     return hashlib.blake2b(material, digest_size=16).digest()
+
+
+def _cut(pieces: list[bytes], lengths: list[int]) -> list[bytes]:
+    """Consecutive byte strings of the given lengths, from consecutive pieces of the same total:
+    a piece that is exactly one of them is passed on as it is, any other is one join of
+    memoryview slices (one copy)."""
+    out: list[bytes] = []
+    parts: list[memoryview] = []
+    have = 0  # bytes of lengths[len(out)] in parts
+    for piece in pieces:
+        view, at = memoryview(piece), 0
+        while at < len(piece):
+            want = lengths[len(out)]
+            if not have and not at and len(piece) == want:
+                out.append(piece)
+                break
+            take = min(want - have, len(piece) - at)
+            parts.append(view[at : at + take])
+            at += take
+            have += take
+            if have == want:
+                out.append(b"".join(parts))
+                parts, have = [], 0
+    return out
 
 
 def _header(ref: _Ref, data: bytes) -> bytes:

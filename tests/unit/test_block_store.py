@@ -34,10 +34,11 @@ GiB = 1 << 30
 class Origin:
     """A remote object with deterministic bytes that records every fetch made of it."""
 
-    def __init__(self, size: int, *, seed: int = 1, delay: float = 0.0) -> None:
+    def __init__(self, size: int, *, seed: int = 1, delay: float = 0.0, piece: int = 0) -> None:
         self.size = size
         self.seed = seed
         self.delay = delay
+        self.piece = piece  # > 0: answer in pieces of about this size, as an HTTP body comes
         self.fail_next = 0  # how many of the next fetches fail
         self.calls: list[tuple[int, int]] = []
         self.active = 0
@@ -45,7 +46,7 @@ class Origin:
         self.active_bytes = 0
         self.max_active_bytes = 0
 
-    async def fetch(self, start: int, end: int) -> bytes:
+    async def fetch(self, start: int, end: int) -> bytes | list[bytes]:
         self.calls.append((start, end))  # first, so a bad range is seen even where it is caught
         assert 0 <= start < end <= self.size, (start, end, self.size)
         self.active += 1
@@ -57,7 +58,11 @@ class Origin:
             if self.fail_next:
                 self.fail_next -= 1
                 raise FetchError.eio("origin unavailable")
-            return pattern(self.seed, start, end - start)
+            data = pattern(self.seed, start, end - start)
+            if not self.piece:
+                return data
+            cuts = range(self.piece // 3, len(data), self.piece)  # never on a block boundary
+            return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
         finally:
             self.active -= 1
             self.active_bytes -= end - start
@@ -170,6 +175,36 @@ def test_keys_with_any_characters_name_distinct_objects(tmp_path: Path) -> None:
 # -- what is fetched ---------------------------------------------------------------------------
 
 
+@given(
+    lengths=st.lists(st.integers(1, 300), min_size=1, max_size=8),
+    cuts=st.lists(st.integers(1, 2_399), max_size=12),
+)
+def test_pieces_are_cut_into_blocks_exactly(lengths: list[int], cuts: list[int]) -> None:
+    data = os.urandom(sum(lengths))
+    points = sorted({c for c in cuts if c < len(data)})
+    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    blocks_ = blocks._cut(pieces, lengths)
+    assert b"".join(blocks_) == data and [len(b) for b in blocks_] == lengths
+    assert all(type(b) is bytes for b in blocks_)
+
+
+def test_origin_answering_in_pieces_gives_the_same_blocks_and_requests(tmp_path: Path) -> None:
+    """An HTTP body comes in chunks that do not fall on block boundaries; the bytes, what is
+    fetched and what is kept are as with one piece per request."""
+    plain, chunked = Origin(37 * MiB + 5), Origin(37 * MiB + 5, piece=200 * KiB)
+
+    async def main() -> None:
+        for name, origin in (("plain", plain), ("chunked", chunked)):
+            async with BlockStore(tmp_path / name, budget=GiB, min_free=0) as store:
+                await read_all(store, "k", origin)  # asserts the bytes
+                await read_all(store, "k", origin)
+
+    run(main)
+    assert chunked.fetched_bytes() == plain.fetched_bytes() == plain.size  # each byte once
+    assert len(chunked.calls) > 3  # readahead runs of several blocks were cut
+    assert block_files(tmp_path / "chunked") == block_files(tmp_path / "plain")
+
+
 def test_random_small_reads_fetch_only_the_blocks_containing_them(tmp_path: Path) -> None:
     origin = Origin(GiB)
     rng = random.Random(7)
@@ -211,7 +246,7 @@ def test_sequential_read_fetches_ahead_in_parallel_but_never_past_the_end(tmp_pa
     assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))  # no byte twice
     assert len(origin.calls) < 41  # several blocks per request
     assert 2 <= origin.max_active <= 4 + 1  # parallel, bounded (+1: the reader's own request)
-    assert max(end - start for start, end in origin.calls) <= 4 * MiB
+    assert max(end - start for start, end in origin.calls) <= blocks._READAHEAD_CHUNK
 
 
 def test_readahead_stays_bounded_in_a_huge_object(tmp_path: Path) -> None:
