@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Self
 
+import trio
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.types import Message, Receive, Scope, Send
@@ -56,6 +57,7 @@ MANY_COUNT = 10_000
 _SEED = 20_250_101
 _SMALL_STRIDE = 16_384  # small files are consecutive windows of one pattern stream
 _PLAIN = "/plain/"
+_WAN_SLICE = 64 << 10  # bytes per paced send under WAN emulation
 
 
 def _small_size(index: int) -> int:
@@ -194,6 +196,21 @@ class Traffic:
 
 
 @dataclass(frozen=True)
+class Wan:
+    """A wide-area link, roughly as a client far from its object store sees it: every response
+    starts `latency` seconds late (one round trip and the store's own first-byte time), and one
+    response body never moves faster than `rate` bytes per second (a single TCP stream to S3 or
+    GCS typically gives 50-100 MB/s). Applied alike to every client and every kind of request."""
+
+    latency: float
+    rate: float
+
+    def describe(self) -> str:
+        rate = self.rate / (1 << 20)
+        return f"{self.latency * 1000:.0f} ms to first byte, {rate:.0f} MiB/s per response"
+
+
+@dataclass(frozen=True)
 class TrafficDelta:
     """What one workload cost the server."""
 
@@ -221,6 +238,7 @@ class BenchServer:
             f"{MANY_DIR}/": _index_page([f.name for f in many]),
         }
         self.traffic = Traffic()
+        self.wan: Wan | None = None  # set it to emulate a wide-area link from then on
         self.fake = GrandChallengeFake()
         try:
             self.data = BenchData(big, huge, many)
@@ -279,10 +297,30 @@ class BenchServer:
         else:
             kind, app = "storage", self.fake.storage_faults
         self.traffic.add(kind, requests=1)
+        wan = self.wan
+        started = trio.current_time()
+        sent = 0
 
         async def counting(message: Message) -> None:
+            nonlocal sent
+            if message["type"] == "http.response.body" and wan is not None:
+                # In slices, each sent when it could have arrived at `rate`: a link delivers
+                # bytes as they come, not a whole 1 MiB body message at once.
+                body, more = message.get("body", b""), message.get("more_body", False)
+                for at in range(0, len(body), _WAN_SLICE):
+                    piece = body[at : at + _WAN_SLICE]
+                    self.traffic.add(kind, body=len(piece))
+                    sent += len(piece)
+                    await trio.sleep_until(started + wan.latency + sent / wan.rate)
+                    last = at + _WAN_SLICE >= len(body)
+                    await send({**message, "body": piece, "more_body": more or not last})
+                if not body:
+                    await send(message)
+                return
             if message["type"] == "http.response.body":
                 self.traffic.add(kind, body=len(message.get("body", b"")))
+            elif message["type"] == "http.response.start" and wan is not None:
+                await trio.sleep_until(started + wan.latency)
             await send(message)
 
         await app(scope, receive, counting)

@@ -27,7 +27,16 @@ from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 
-from bench_server import BIG_NAME, GIB, HUGE_NAME, MANY_COUNT, MANY_DIR, BenchServer, TrafficDelta
+from bench_server import (
+    BIG_NAME,
+    GIB,
+    HUGE_NAME,
+    MANY_COUNT,
+    MANY_DIR,
+    BenchServer,
+    TrafficDelta,
+    Wan,
+)
 from mounts import FileSystem, Fsmount, Mount, Rclone, mounted
 from report import Figure, Report, Target, format_value, render
 from rich.console import Console
@@ -43,6 +52,9 @@ DISK_NEEDED = 9 * GIB  # the largest phase holds a 5 GiB cache plus the local 1 
 CURL_RUNS = 3
 TTFB_RUNS = 5
 PAGE_RUNS = 3
+# A far object store, for the rows after the loopback ones: what parallel ranged readahead is
+# for, and what the loopback rows (CPU-bound on 2 shared cores) cannot show.
+WAN = Wan(latency=0.020, rate=64 * (1 << 20))
 
 console = Console(highlight=False)
 
@@ -70,6 +82,8 @@ LS_REMOUNT = Figure(f"`ls -l` of {MANY_COUNT:,} files after a remount", "s", Fal
 DU_REMOUNT = Figure(f"`du -s` of {MANY_COUNT:,} files after a remount", "s", False)
 HUGE_SPEED = Figure("Cold sequential read, 5 GiB", "MiB/s", higher_is_better=True)
 HUGE_MEMORY = Figure("Peak memory of the mount reading 5 GiB (VmHWM)", "MB", False)
+WAN_SEQ = Figure(f"Cold sequential read, 1 GiB, emulated WAN ({WAN.describe()})", "MiB/s", True)
+WAN_RANDOM = Figure(f"{RANDOM_READS} random 4 KiB reads, emulated WAN: time", "s", False)
 FIGURES = [
     SEQ_COLD,
     SEQ_CPU,
@@ -84,6 +98,8 @@ FIGURES = [
     DU_REMOUNT,
     HUGE_SPEED,
     HUGE_MEMORY,
+    WAN_SEQ,
+    WAN_RANDOM,
 ]
 
 
@@ -245,28 +261,16 @@ class Bench:
     def curl(self) -> None:
         self.step("curl (the server's limit)")
         url = self.server.plain_url(BIG_NAME)
-        runs = []
-        for _ in range(CURL_RUNS):
-            out = _curl(["-o", "/dev/null", "-w", "%{time_total} %{size_download}", url])
-            seconds, size = out.split()
-            if int(size) != GIB:
-                raise RuntimeError(f"curl got {size} bytes of {url}")
-            runs.append(float(seconds))
-        seconds = statistics.median(runs)
+        seconds = statistics.median(_curl_whole_file(url) for _ in range(CURL_RUNS))
         self.record(SEQ_COLD, "curl", mib_per_s(GIB, seconds), f"median of {CURL_RUNS}")
         firsts = [
             float(_curl(["-o", "/dev/null", "-r", "0-0", "-w", "%{time_starttransfer}", url]))
             for _ in range(TTFB_RUNS)
         ]
         self.record(TTFB, "curl", statistics.median(firsts) * 1000, f"median of {TTFB_RUNS}")
-        args: list[str] = []
-        for offset in random_offsets(GIB):
-            args += ["-o", "/dev/null", "-r", f"{offset}-{offset + RANDOM_SIZE - 1}"]
-            args += ["-w", "%{time_total}\\n", url, "--next", "-s"]
         measure = self.server.measure()
-        total = sum(float(line) for line in _curl(args[:-2]).split())
+        self.record(RANDOM_TIME, "curl", _curl_random_reads(url), "one connection")
         delta = measure()
-        self.record(RANDOM_TIME, "curl", total, "one connection")
         self.record(RANDOM_BYTES, "curl", delta.total_bytes / MIB, traffic_note(delta))
 
     def local_file(self) -> None:
@@ -393,6 +397,30 @@ class Bench:
             raise RuntimeError(f"{path}: size {size}, expected {expected}")
         return path
 
+    # -- over an emulated wide-area link
+
+    def wan_curl(self) -> None:
+        self.step(f"curl over the emulated WAN ({WAN.describe()})")
+        url = self.server.plain_url(BIG_NAME)
+        self.record(WAN_SEQ, "curl", mib_per_s(GIB, _curl_whole_file(url)), "one GET")
+        self.record(WAN_RANDOM, "curl", _curl_random_reads(url), "one connection")
+
+    def wan(self, system: FileSystem) -> None:
+        self.step(f"{system.name}: cold sequential and random reads over the emulated WAN")
+        payload = self.server.big.stored.payload
+        with self.fresh_cache(system, "wan-seq") as cache, mounted(system, cache, "wan") as m:
+            path = self._stat(m, BIG_NAME)
+            measure = self.server.measure()
+            with self.failure_noted(WAN_SEQ, system.name):
+                seconds = sequential_read(path)
+                self.record(WAN_SEQ, system.name, mib_per_s(GIB, seconds), traffic_note(measure()))
+        with self.fresh_cache(system, "wan-random") as cache, mounted(system, cache, "wan") as m:
+            path = self._stat(m, BIG_NAME)
+            measure = self.server.measure()
+            with self.failure_noted(WAN_RANDOM, system.name):
+                seconds = random_reads(path, random_offsets(GIB), payload.read)
+                self.record(WAN_RANDOM, system.name, seconds, traffic_note(measure()))
+
     def run(self) -> None:
         self.curl()
         self.local_file()
@@ -400,6 +428,31 @@ class Bench:
         for phase in phases:  # systems side by side within each phase, not one after the other
             for system in self.systems:
                 phase(system)
+        self.server.wan = WAN
+        try:
+            self.wan_curl()
+            for system in self.systems:
+                self.wan(system)
+        finally:
+            self.server.wan = None
+
+
+def _curl_whole_file(url: str) -> float:
+    """Seconds of one GET of the 1 GiB file to /dev/null."""
+    out = _curl(["-o", "/dev/null", "-w", "%{time_total} %{size_download}", url])
+    seconds, size = out.split()
+    if int(size) != GIB:
+        raise RuntimeError(f"curl got {size} bytes of {url}")
+    return float(seconds)
+
+
+def _curl_random_reads(url: str) -> float:
+    """Seconds of the random reads as range GETs on one connection (no client overhead)."""
+    args: list[str] = []
+    for offset in random_offsets(GIB):
+        args += ["-o", "/dev/null", "-r", f"{offset}-{offset + RANDOM_SIZE - 1}"]
+        args += ["-w", "%{time_total}\\n", url, "--next", "-s"]
+    return sum(float(line) for line in _curl(args[:-2]).split())
 
 
 def _curl(args: list[str]) -> str:
@@ -516,6 +569,10 @@ def method(work: Path, drop: str, rclone_ran: bool) -> list[str]:
         "rclone reopens files without the kernel's page cache (no `keep_cache`), so its third"
         " read goes through its VFS cache again; fsmount's is served by the kernel alone (no"
         " request reaches the mount).",
+        f"Emulated WAN (the last two rows): the same server, with every response held back to"
+        f" {WAN.describe()} (the server paces each body; loopback, CPU and disk unchanged)."
+        " Fresh mounts, empty caches; the same reads as above. The targets are judged on the"
+        " loopback rows only.",
         "Single runs (except curl and the page-cache reads). On this shared 2-core machine the"
         " same figure moved by up to a third between runs, rclone's as much as fsmount's.",
     ]

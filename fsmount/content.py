@@ -17,7 +17,7 @@ import trio
 from cachetools import LRUCache
 
 from fsmount.blob import Blob, BlobStat, InlineBlob, RemoteBlob
-from fsmount.cache.blocks import BlockStore
+from fsmount.cache.blocks import BlockStore, Sink
 from fsmount.cache.metadata import MetadataStore
 from fsmount.errors import ContentChanged, FetchError
 from fsmount.transfer import Storage
@@ -135,16 +135,17 @@ class Content:
 
         ident = _identity(blob)
 
-        async def fetch(start: int, end: int) -> list[bytes]:
+        def pin(seen: str | None) -> None:
             # Sizes the API gave come without an ETag: the first range read pins one, so the
-            # blocks of one file never come from two versions.
-            etag = st.etag or self._etags.get(ident)
-            data, seen = await self._storage.fetch(blob, start, end, etag)
-            if etag is None and seen is not None and self._etags.setdefault(ident, seen) != seen:
+            # blocks of one file never come from two versions. Checked before any byte flows.
+            if seen is not None and self._etags.setdefault(ident, seen) != seen:
                 raise ContentChanged(
                     errno.EIO, f"{blob.description}: the remote file changed while being read"
                 )
-            return data
+
+        async def fetch(start: int, end: int, sink: Sink) -> None:
+            etag = st.etag or self._etags.get(ident)
+            await self._storage.fetch(blob, start, end, etag, sink, pin)
 
         version = blob.version or st.etag or ""
         try:

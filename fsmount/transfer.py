@@ -418,17 +418,24 @@ class Storage:
         return result
 
     async def fetch(
-        self, blob: RemoteBlob, start: int, end: int, etag: str | None
-    ) -> tuple[list[bytes], str | None]:
-        """Bytes `[start, end)` of the blob's version `etag`, resuming after interruptions,
-        with the ETag storage sent for them. The bytes come as the body's chunks, in order
-        and not joined (the block store cuts them into blocks with one copy).
+        self,
+        blob: RemoteBlob,
+        start: int,
+        end: int,
+        etag: str | None,
+        sink: Callable[[bytes], Awaitable[None]],
+        pin: Callable[[str | None], None] | None = None,
+    ) -> str | None:
+        """Hand bytes `[start, end)` of the blob's version `etag` to `sink`, in order, as the
+        body's chunks arrive, resuming after interruptions; return the ETag they came with.
 
+        Every byte handed over is right: the status, range and version of a response are
+        checked before its body flows, so a failure later only means the rest is missing.
         With `etag` None, the first response's ETag pins the version for the resumes, so the
-        pieces of one range never come from two versions either.
+        pieces of one range never come from two versions either; `pin` sees that ETag first
+        and may raise to refuse it (one file's ranges must agree with each other).
         """
-        chunks: list[bytes] = []
-        got = 0  # bytes of [start, end) in `chunks`
+        got = 0  # bytes of [start, end) handed to `sink`
         pinned = etag
 
         async def handle(response: httpx.Response) -> bool:
@@ -437,6 +444,8 @@ class Storage:
                 return False
             if pinned is None:
                 pinned = _etag(response)
+                if pin is not None:
+                    pin(pinned)
             elif _etag(response) != pinned:
                 raise ContentChanged(
                     errno.EIO, f"{blob.description}: the remote file changed while being read"
@@ -456,8 +465,8 @@ class Storage:
                 if len(chunk) > end - start - got:
                     chunk = chunk[: end - start - got]
                 if chunk:
-                    chunks.append(chunk)
                     got += len(chunk)
+                    await sink(chunk)
                 # A 206 body is read to its end so the connection can be reused; a whole
                 # object (Range ignored) is abandoned once we have our part.
                 if got >= end - start and response.status_code == 200:
@@ -473,9 +482,9 @@ class Storage:
             return h
 
         if end <= start:
-            return [], etag
+            return etag
         await self._exchange(blob, headers, handle, f"bytes {start}-{end - 1}")
-        return chunks, pinned
+        return pinned
 
     async def _exchange(
         self,

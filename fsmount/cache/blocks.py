@@ -38,12 +38,23 @@ from fsmount.errors import FetchError
 
 log = logging.getLogger(__name__)
 
-Fetch = Callable[[int, int], Awaitable[bytes | list[bytes]]]
-"""`(start, end_exclusive) -> exactly those bytes of the object`, or raises.
+Sink = Callable[[bytes], Awaitable[None]]
+"""Takes the next piece of a range being fetched: consecutive calls, consecutive bytes."""
 
-The bytes may come as consecutive pieces (an HTTP body's chunks, as received): the store cuts
-them into blocks with one copy, where joining them first would cost a second copy of the
-whole range, and an allocation of its size, per request."""
+Fetch = Callable[[int, int, Sink], Awaitable[None]]
+"""`(start, end_exclusive, sink)`: hand exactly those bytes of the object to `sink`, in order,
+in pieces of any size as they arrive (an HTTP body's chunks), or raise.
+
+Every piece handed over must be right: a failure only means the rest is missing. Pieces let
+the store cut a range into blocks with one copy each (joining the range first would cost a
+second copy, and an allocation of its size), store each block as soon as it is complete, and
+answer a reader that needs only the first bytes of a block as soon as they are in."""
+
+# Downloads a reader leaves running after it got the bytes it asked for (the rest of its block
+# is still kept). Bounded, so that fast random readers cannot pile up downloads; beyond it a
+# reader waits for its whole block as before.
+_BEHIND = 16
+_DRAIN_ON_CLOSE = 5.0  # seconds an unmount waits for them; a stalled server must not hold it
 
 # A block file is a header page followed by the block's bytes. The header names what the block
 # is (key digest, index, length), every field of which is checked against what the reader
@@ -153,15 +164,111 @@ class _Chunk:
 
 
 class _Flight:
-    """One load or download of one block; other readers of the block wait for it."""
+    """One load or download of one block; other readers of the block wait for it.
 
-    __slots__ = ("data", "done", "downloaded", "error")
+    While the block is downloaded, `parts` and `received` show the bytes that have arrived,
+    so a reader that needs only its start need not wait for the rest.
+    """
+
+    __slots__ = ("data", "done", "downloaded", "error", "parts", "progress", "received")
 
     def __init__(self, *, downloaded: bool) -> None:
         self.done = trio.Event()
         self.data: bytes | None = None
         self.error: Exception | None = None
         self.downloaded = downloaded
+        self.parts: list[memoryview] = []
+        self.received = 0
+        self.progress = trio.Event()  # set, and replaced, when bytes arrive or the flight ends
+
+    def advance(self, parts: list[memoryview], received: int) -> None:
+        self.parts, self.received = parts, received
+        self.progress.set()
+        self.progress = trio.Event()
+
+    def finish(self) -> None:
+        self.done.set()
+        self.progress.set()
+
+    def arrived(self, lo: int, hi: int) -> bytes | None:
+        """Bytes `[lo, hi)` of the block if they have all arrived, else None."""
+        if self.received < hi:
+            return None
+        out, at = [], 0
+        for part in self.parts:
+            if at >= hi:
+                break
+            if at + len(part) > lo:
+                out.append(part[max(lo - at, 0) : hi - at])
+            at += len(part)
+        return b"".join(out)
+
+    async def wait(self, lo: int, hi: int) -> bytes | None:
+        """Bytes `[lo, hi)` of the block as soon as they are in; None if the flight ends
+        without the block (see `error`)."""
+        while not self.done.is_set():
+            early = self.arrived(lo, hi)
+            if early is not None:
+                return early
+            await self.progress.wait()
+        return None if self.data is None else _slice(self.data, lo, hi)
+
+
+class _Cutter:
+    """The sink of one fetch: cuts its pieces into the blocks of a run as they arrive, with
+    one copy per block (none for a piece that is exactly one), shows each block's progress to
+    its flight, and hands each complete block to `complete`.
+
+    The last block is handed over by `finish`, once the fetch has returned exactly the bytes
+    asked for: a fetch that turns out short or long stores nothing of its last block.
+    """
+
+    def __init__(
+        self,
+        run: list[_Ref],
+        flights: list[_Flight],
+        complete: Callable[[int, bytes], Awaitable[None]],
+    ) -> None:
+        self._lengths = [ref.end - ref.start for ref in run]
+        self._flights = flights
+        self._complete = complete
+        self._index = 0  # the block being filled
+        self._parts: list[memoryview] = []
+        self._have = 0  # bytes of that block in `_parts`
+        self._last: bytes | None = None
+        self.received = 0
+
+    async def __call__(self, piece: bytes) -> None:
+        self.received += len(piece)
+        view, at = memoryview(piece), 0
+        while at < len(piece):
+            if self._index == len(self._lengths):
+                raise FetchError.eio(f"got more than the {sum(self._lengths)} bytes asked for")
+            want = self._lengths[self._index]
+            flight = self._flights[self._index]
+            if not self._have and not at and len(piece) == want:
+                block, at = piece, len(piece)
+            else:
+                take = min(want - self._have, len(piece) - at)
+                self._parts.append(view[at : at + take])
+                at += take
+                self._have += take
+                if self._have < want:
+                    flight.advance(self._parts, self._have)
+                    continue
+                block = b"".join(self._parts)
+                self._parts, self._have = [], 0
+            self._index += 1
+            if self._index < len(self._lengths):
+                await self._complete(self._index - 1, block)
+            else:
+                self._last = block
+                flight.advance([memoryview(block)], len(block))
+
+    async def finish(self) -> None:
+        if self._last is None:
+            raise FetchError.eio(f"got {self.received} of {sum(self._lengths)} bytes")
+        await self._complete(len(self._lengths) - 1, self._last)
 
 
 class _Eviction:
@@ -232,6 +339,11 @@ class BlockStore:
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
         self._io = trio.CapacityLimiter(_IO_THREADS)
         self._direct = True  # O_DIRECT block writes, until the filesystem refuses them
+        self._nursery: trio.Nursery | None = None  # the background service's, while it runs
+        self._behind = trio.Semaphore(_BEHIND)
+        self._behind_running = 0
+        self._behind_idle = trio.Event()  # set while no download runs behind a reader
+        self._behind_idle.set()
         self._slots = trio.Semaphore(max_parallel)  # readahead downloads in flight
         # Readahead work, oldest first; unbounded in count but not in bytes: each sequential
         # reader has at most its window (<= readahead) queued, and a queued chunk holds no data.
@@ -288,10 +400,10 @@ class BlockStore:
         parts = []
         for index in range(offset // self._block_size, last + 1):
             ref = self._ref(digest, size, index)
-            data = await self._get(ref, fetch)
-            if ref.start == offset and ref.end == end:
-                return data  # exactly one whole block (the kernel's 1 MiB reads): no copy
-            parts.append(memoryview(data)[max(offset, ref.start) - ref.start : end - ref.start])
+            lo, hi = max(offset, ref.start) - ref.start, min(end, ref.end) - ref.start
+            parts.append(await self._get(ref, fetch, lo, hi))
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]  # a whole block (the kernel's 1 MiB reads), or early bytes: no copy
         return b"".join(parts)
 
     def stats(self) -> CacheStats:
@@ -325,10 +437,20 @@ class BlockStore:
         await self._trim()
         self._index_complete = True
 
+    async def drain(self) -> None:
+        """Wait until the downloads left running behind readers have stored their blocks (or
+        failed): after it, every block a reader was given bytes of is on disk, unless it could
+        not be stored."""
+        await self._behind_idle.wait()
+
     async def aclose(self) -> None:
-        """Stop background work and release the directory (the files stay for the next run)."""
+        """Finish the downloads behind readers (what was read stays read; a few seconds at
+        most), stop background work and release the directory (the files stay for the next
+        run)."""
         if self._closed:
             return
+        with trio.move_on_after(_DRAIN_ON_CLOSE):
+            await self.drain()
         self._closed = True
         if self._service_scope is not None:
             self._service_scope.cancel()
@@ -348,12 +470,15 @@ class BlockStore:
             end=min(start + self._block_size, size),
         )
 
-    async def _get(self, ref: _Ref, fetch: Fetch) -> bytes:
-        """The verified bytes of one block: from memory, from disk, or downloaded (one flight).
+    async def _get(self, ref: _Ref, fetch: Fetch, lo: int, hi: int) -> bytes | memoryview:
+        """Bytes `[lo, hi)` of one verified block: from memory, from disk, or downloaded (one
+        flight per block).
 
         A reader that waited for a flight that failed tries once more itself (the failure may
         have been another reader's cancellation or a transient error); a second failure is
-        raised, as is the leader's own.
+        raised, as is the leader's own. A leader that needs only part of a block it downloads
+        returns as soon as that part is in, leaving the rest of the download running (up to
+        `_BEHIND` of them): a random 4 KiB read then waits for 4 KiB, not for 1 MiB.
         """
         failures_seen = 0
         while True:
@@ -362,33 +487,73 @@ class BlockStore:
                 self._memory.move_to_end(ref.name)
                 self._counters["hits"] += 1
                 self._touch(ref.name)
-                return data
+                return _slice(data, lo, hi)
             flight = self._flights.get(ref.name)
             if flight is None:
                 break
-            await flight.done.wait()
-            if flight.data is not None:
+            got = await flight.wait(lo, hi)
+            if got is not None:
                 self._counters["misses" if flight.downloaded else "hits"] += 1
-                return flight.data
+                return got
             if flight.error is not None:
                 failures_seen += 1
                 if failures_seen > 1:
                     raise flight.error
         flight = self._flights[ref.name] = _Flight(downloaded=False)
+        behind = False
         try:
             data = await self._load(ref)
             if data is None:
                 flight.downloaded = True
-                data = await self._download(ref, fetch)
+                whole = lo == 0 and hi == ref.end - ref.start
+                behind = not whole and self._start_behind(ref, flight, fetch)
+                if behind:
+                    got = await flight.wait(lo, hi)
+                    if got is None:
+                        raise flight.error or FetchError.eio("the block cache is closing")
+                    self._counters["misses"] += 1
+                    return got
+                data = await self._download(ref, flight, fetch)
             self._counters["misses" if flight.downloaded else "hits"] += 1
             flight.data = data
-            return data
+            return _slice(data, lo, hi)
         except Exception as exc:
-            flight.error = exc
+            if not behind:
+                flight.error = exc
             raise
         finally:
+            if not behind:  # else the download behind ends the flight
+                del self._flights[ref.name]
+                flight.finish()
+
+    def _start_behind(self, ref: _Ref, flight: _Flight, fetch: Fetch) -> bool:
+        """Download a block in the background, if a slot is free; the caller waits on its
+        flight for the bytes it needs."""
+        if self._nursery is None:
+            return False
+        try:
+            self._behind.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        self._behind_running += 1
+        if self._behind_running == 1:
+            self._behind_idle = trio.Event()
+        self._nursery.start_soon(self._download_behind, ref, flight, fetch)
+        return True
+
+    async def _download_behind(self, ref: _Ref, flight: _Flight, fetch: Fetch) -> None:
+        try:
+            flight.data = await self._download(ref, flight, fetch)
+        except Exception as exc:  # the reader that started it raises it, as do its waiters
+            log.debug("download of %s failed: %s", ref.name, exc)
+            flight.error = exc
+        finally:
             del self._flights[ref.name]
-            flight.done.set()
+            flight.finish()
+            self._behind.release()
+            self._behind_running -= 1
+            if not self._behind_running:
+                self._behind_idle.set()
 
     async def _load(self, ref: _Ref) -> bytes | None:
         """Read and verify a block file; None when it is missing or bad (a bad one is deleted)."""
@@ -424,26 +589,37 @@ class BlockStore:
             await self._trim()
         return data
 
-    async def _download(self, ref: _Ref, fetch: Fetch) -> bytes:
-        (data,) = await self._fetch(fetch, [ref])
-        await self._store(ref, data)
-        return data
+    async def _download(self, ref: _Ref, flight: _Flight, fetch: Fetch) -> bytes:
+        blocks: list[bytes] = []
 
-    async def _fetch(self, fetch: Fetch, run: list[_Ref]) -> list[bytes]:
-        """The blocks of a run of consecutive blocks, fetched in one request."""
+        async def complete(_: int, block: bytes) -> None:
+            blocks.append(block)
+
+        await self._fetch(fetch, [ref], [flight], complete)
+        await self._store(ref, blocks[0])
+        return blocks[0]
+
+    async def _fetch(
+        self,
+        fetch: Fetch,
+        run: list[_Ref],
+        flights: list[_Flight],
+        complete: Callable[[int, bytes], Awaitable[None]],
+    ) -> None:
+        """Fetch a run of consecutive blocks in one request, handing each to `complete` (with
+        its position in the run) as soon as it is in."""
         start, end = run[0].start, run[-1].end
+        cutter = _Cutter(run, flights, complete)
         self._downloads += 1
         try:
-            got = await fetch(start, end)
+            await fetch(start, end, cutter)
         finally:
             self._downloads -= 1
-        pieces = [got] if isinstance(got, bytes) else got
-        length = sum(map(len, pieces))
-        if length != end - start:
-            raise FetchError.eio(f"asked for {end - start} bytes at {start}, got {length}")
+        if cutter.received != end - start:
+            raise FetchError.eio(f"asked for {end - start} bytes at {start}, got {cutter.received}")
         self._counters["fetches"] += 1
-        self._counters["bytes_fetched"] += length
-        return _cut(pieces, [ref.end - ref.start for ref in run])
+        self._counters["bytes_fetched"] += cutter.received
+        await cutter.finish()
 
     async def _store(self, ref: _Ref, data: bytes) -> None:
         """Keep a downloaded block on disk if the budget and free space allow, and in memory.
@@ -452,7 +628,8 @@ class BlockStore:
         alone exceeds the budget): the reader still gets its bytes. The victims' files are
         deleted in the same worker-thread call, before the new file is written, so the
         directory never holds more than this process accounts for. Memory gets the block last:
-        a block a reader has been given is on disk unless it could not be.
+        a block a reader has been given whole is on disk unless it could not be (one it got
+        early bytes of is, once `drain` returns).
         """
         while (eviction := self._doomed.get(ref.name)) is not None:
             await eviction.done.wait()  # an older copy is being deleted: write after that
@@ -721,14 +898,17 @@ class BlockStore:
         flight as soon as it is stored. A failure is left for the readers, whose own requests
         report it."""
         pending = dict(zip((ref.name for ref in run), flights, strict=True))
+
+        async def complete(position: int, block: bytes) -> None:
+            ref, flight = run[position], flights[position]
+            await self._store(ref, block)
+            flight.data = block
+            del self._flights[ref.name]
+            del pending[ref.name]
+            flight.finish()
+
         try:
-            blocks = await self._fetch(fetch, run)
-            for ref, flight, block in zip(run, flights, blocks, strict=True):
-                await self._store(ref, block)
-                flight.data = block
-                del self._flights[ref.name]
-                del pending[ref.name]
-                flight.done.set()
+            await self._fetch(fetch, run, flights, complete)
         except Exception as exc:
             log.debug("readahead of %s failed: %s", run[0].name, exc)
             for flight in pending.values():
@@ -736,7 +916,7 @@ class BlockStore:
         finally:
             for name, flight in pending.items():
                 del self._flights[name]
-                flight.done.set()
+                flight.finish()
             self._slots.release()
 
     # -- background service -----------------------------------------------------------------
@@ -756,6 +936,7 @@ class BlockStore:
             try:
                 with self._service_scope:
                     async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
                         nursery.start_soon(self._maintain)
                         nursery.start_soon(self._dispatch_readahead, nursery)
                         self._service_running = True
@@ -763,6 +944,7 @@ class BlockStore:
             except Exception:
                 log.exception("block cache background task failed")
             finally:
+                self._nursery = None
                 self._service_running = False
                 started.set()
                 self._service_done.set()
@@ -829,28 +1011,9 @@ def _digest(block_size: int, key: str) -> bytes:
     return hashlib.blake2b(material, digest_size=16).digest()
 
 
-def _cut(pieces: list[bytes], lengths: list[int]) -> list[bytes]:
-    """Consecutive byte strings of the given lengths, from consecutive pieces of the same total:
-    a piece that is exactly one of them is passed on as it is, any other is one join of
-    memoryview slices (one copy)."""
-    out: list[bytes] = []
-    parts: list[memoryview] = []
-    have = 0  # bytes of lengths[len(out)] in parts
-    for piece in pieces:
-        view, at = memoryview(piece), 0
-        while at < len(piece):
-            want = lengths[len(out)]
-            if not have and not at and len(piece) == want:
-                out.append(piece)
-                break
-            take = min(want - have, len(piece) - at)
-            parts.append(view[at : at + take])
-            at += take
-            have += take
-            if have == want:
-                out.append(b"".join(parts))
-                parts, have = [], 0
-    return out
+def _slice(data: bytes, lo: int, hi: int) -> bytes | memoryview:
+    """`data[lo:hi]`, without a copy: the caller joins the parts of a read once."""
+    return data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi]
 
 
 def _header(ref: _Ref, data: bytes) -> bytes:

@@ -46,7 +46,7 @@ class Origin:
         self.active_bytes = 0
         self.max_active_bytes = 0
 
-    async def fetch(self, start: int, end: int) -> bytes | list[bytes]:
+    async def fetch(self, start: int, end: int, sink: blocks.Sink) -> None:
         self.calls.append((start, end))  # first, so a bad range is seen even where it is caught
         assert 0 <= start < end <= self.size, (start, end, self.size)
         self.active += 1
@@ -59,10 +59,9 @@ class Origin:
                 self.fail_next -= 1
                 raise FetchError.eio("origin unavailable")
             data = pattern(self.seed, start, end - start)
-            if not self.piece:
-                return data
-            cuts = range(self.piece // 3, len(data), self.piece)  # never on a block boundary
-            return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+            cuts = range(self.piece // 3, len(data), self.piece) if self.piece else []
+            for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True):
+                await sink(data[a:b])  # pieces never on a block boundary
         finally:
             self.active -= 1
             self.active_bytes -= end - start
@@ -183,7 +182,25 @@ def test_pieces_are_cut_into_blocks_exactly(lengths: list[int], cuts: list[int])
     data = os.urandom(sum(lengths))
     points = sorted({c for c in cuts if c < len(data)})
     pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
-    blocks_ = blocks._cut(pieces, lengths)
+    starts = list(itertools.accumulate([0, *lengths]))
+    run_ = [blocks._Ref(f"b{i}", b"", i, starts[i], starts[i + 1]) for i in range(len(lengths))]
+    flights = [blocks._Flight(downloaded=True) for _ in lengths]
+    got: dict[int, bytes] = {}
+
+    async def complete(position: int, block: bytes) -> None:
+        got[position] = block
+
+    async def main() -> None:
+        cutter = blocks._Cutter(run_, flights, complete)
+        for piece in pieces:
+            await cutter(piece)
+            done = len(got)  # every block but the last is handed on as soon as it is in
+            filled = sum(1 for stop in starts[1:] if stop <= cutter.received)
+            assert done == min(filled, len(lengths) - 1)
+        await cutter.finish()
+
+    trio.run(main)
+    blocks_ = [got[i] for i in range(len(lengths))]
     assert b"".join(blocks_) == data and [len(b) for b in blocks_] == lengths
     assert all(type(b) is bytes for b in blocks_)
 
@@ -343,8 +360,8 @@ def test_waiters_retry_once_after_a_transient_failure(tmp_path: Path) -> None:
 
 
 def test_fetch_of_the_wrong_length_is_an_error_and_stores_nothing(tmp_path: Path) -> None:
-    async def short(start: int, end: int) -> bytes:
-        return pattern(1, start, end - start - 1)
+    async def short(start: int, end: int, sink: blocks.Sink) -> None:
+        await sink(pattern(1, start, end - start - 1))
 
     async def main() -> None:
         async with BlockStore(tmp_path, budget=GiB, min_free=0) as store:
@@ -404,11 +421,16 @@ def test_least_recently_used_blocks_are_evicted_first(tmp_path: Path) -> None:
         async with BlockStore(
             tmp_path, budget=budget_of(4, block), block_size=block, min_free=0, memory=0
         ) as store:
-            for index in (0, 1, 2, 3, 0, 4):  # block 0 used again: block 1 is now the oldest
+
+            async def read(index: int) -> None:  # and let the rest of the block be stored
                 await store.read("k", origin.size, index * block, 10, origin.fetch)
+                await store.drain()
+
+            for index in (0, 1, 2, 3, 0, 4):  # block 0 used again: block 1 is now the oldest
+                await read(index)
             assert block_indexes(tmp_path) == {0, 2, 3, 4}
-            await store.read("k", origin.size, 2 * block, 10, origin.fetch)  # 3 is now oldest
-            await store.read("k", origin.size, 5 * block, 10, origin.fetch)
+            await read(2)  # 3 is now the oldest
+            await read(5)
             assert block_indexes(tmp_path) == {0, 2, 4, 5}
             assert len(origin.calls) == 6  # blocks 0-5, each once: the rest were disk hits
 
@@ -436,12 +458,14 @@ def test_blocks_being_read_from_disk_are_not_evicted(
         ) as store:
             await store.read("k", origin.size, 0, 10, origin.fetch)
             await store.read("k", origin.size, block, 10, origin.fetch)
+            await store.drain()
             monkeypatch.setattr(blocks, "_read_block_file", slow_read)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(store.read, "k", origin.size, 0, 10, origin.fetch)
                 await trio.to_thread.run_sync(reading.wait)
                 # Block 0 is the oldest, but it is being read: block 1 must go instead.
                 await store.read("k", origin.size, 2 * block, 10, origin.fetch)
+                await store.drain()
                 assert block_indexes(tmp_path) == {0, 2}
                 release.set()
 
@@ -460,6 +484,8 @@ def test_object_larger_than_the_budget_still_reads(tmp_path: Path) -> None:
             for offset in random.Random(5).sample(range(origin.size), 30):
                 data = await store.read("big", origin.size, offset, 3000, origin.fetch)
                 assert data == origin.expect(offset, 3000)
+                assert sum(block_files(tmp_path).values()) <= budget_of(3, block)
+            await store.drain()
             assert sum(block_files(tmp_path).values()) <= budget_of(3, block)
 
     run(main)
@@ -497,6 +523,7 @@ def test_free_space_floor_limits_what_is_kept(
         ) as store:
             for index in range(12):
                 await store.read("k", origin.size, index * block, 100, origin.fetch)
+                await store.drain()
                 assert len(block_files(tmp_path)) <= 3
             assert block_indexes(tmp_path) == {9, 10, 11}
             await read_all(store, "k", origin)
@@ -557,7 +584,7 @@ def test_filesystem_refusing_o_direct_gets_buffered_blocks_of_the_same_layout(
 
     async def main() -> None:
         async with BlockStore(tmp_path, budget=GiB, min_free=0, readahead=0) as store:
-            await read_all(store, "k", origin)
+            await read_all(store, "k", origin, chunk=MiB)  # whole blocks, one after the other
         monkeypatch.undo()
         async with BlockStore(tmp_path, budget=GiB, min_free=0, readahead=0) as store:
             await read_all(store, "k", origin)  # asserts the bytes
@@ -730,11 +757,13 @@ def test_block_evicted_behind_the_stores_back_is_fetched_again(tmp_path: Path) -
     async def main() -> None:
         async with BlockStore(tmp_path, budget=GiB, min_free=0, memory=0, readahead=0) as store:
             await read_all(store, "k", origin)
+            await store.drain()
             for name in block_files(tmp_path):
                 os.unlink(tmp_path / name)  # another process evicted them
             await store.rescan()
             assert (store.stats().blocks_held, store.stats().bytes_held) == (0, 0)
             await read_all(store, "k", origin)
+            await store.drain()
             assert store.stats().blocks_held == 2
             os.unlink(tmp_path / next(iter(block_files(tmp_path))))  # not noticed this time
             await read_all(store, "k", origin)
@@ -891,6 +920,7 @@ def test_forced_clear_under_a_running_store_only_costs_refetches(tmp_path: Path)
             await read_all(store, "k", origin)
             clear_cache(tmp_path, force=True)
             await read_all(store, "k", origin)
+            await store.drain()
             await store.rescan()
             assert store.stats().blocks_held == len(block_files(tmp_path)) == 3
 
