@@ -34,11 +34,14 @@ GiB = 1 << 30
 class Origin:
     """A remote object with deterministic bytes that records every fetch made of it."""
 
-    def __init__(self, size: int, *, seed: int = 1, delay: float = 0.0, piece: int = 0) -> None:
+    def __init__(
+        self, size: int, *, seed: int = 1, delay: float = 0.0, piece: int = 0, gap: float = 0.0
+    ) -> None:
         self.size = size
         self.seed = seed
         self.delay = delay
         self.piece = piece  # > 0: answer in pieces of about this size, as an HTTP body comes
+        self.gap = gap  # seconds between two pieces
         self.fail_next = 0  # how many of the next fetches fail
         self.calls: list[tuple[int, int]] = []
         self.active = 0
@@ -61,6 +64,8 @@ class Origin:
             data = pattern(self.seed, start, end - start)
             cuts = range(self.piece // 3, len(data), self.piece) if self.piece else []
             for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True):
+                if a:
+                    await trio.sleep(self.gap)
                 await sink(data[a:b])  # pieces never on a block boundary
         finally:
             self.active -= 1
@@ -220,6 +225,41 @@ def test_origin_answering_in_pieces_gives_the_same_blocks_and_requests(tmp_path:
     assert chunked.fetched_bytes() == plain.fetched_bytes() == plain.size  # each byte once
     assert len(chunked.calls) > 3  # readahead runs of several blocks were cut
     assert block_files(tmp_path / "chunked") == block_files(tmp_path / "plain")
+
+
+def test_a_reader_of_part_of_a_block_gets_it_as_soon_as_it_is_in(tmp_path: Path) -> None:
+    """A 4 KiB read at the start of a block returns when its bytes are in, not when the whole
+    block is; the rest of the block is still downloaded (once) and stored; a second reader
+    of the block's end waits for it; `drain` returns once it is on disk."""
+    origin = Origin(4 * MiB, piece=100 * KiB, gap=0.15)  # 11 pieces: the block takes 1.5 s
+
+    async def main() -> None:
+        async with BlockStore(tmp_path, budget=GiB, min_free=0, readahead=0) as store:
+            started = trio.current_time()
+            assert await store.read("k", origin.size, MiB, 4 * KiB, origin.fetch) == (
+                origin.expect(MiB, 4 * KiB)
+            )
+            assert trio.current_time() - started < 0.75  # the first piece, not the whole block
+            assert block_files(tmp_path) == {}  # the rest is still coming
+            tail = await store.read("k", origin.size, 2 * MiB - 10, 10, origin.fetch)
+            assert tail == origin.expect(2 * MiB - 10, 10)
+            assert trio.current_time() - started >= 1.4  # it waited for the last piece
+            await store.drain()
+            assert block_indexes(tmp_path) == {1}
+            assert origin.calls == [(MiB, 2 * MiB)]  # one download for both readers
+
+    run(main)
+
+
+def test_closing_the_store_keeps_the_block_a_reader_got_part_of(tmp_path: Path) -> None:
+    origin = Origin(2 * MiB, piece=256 * KiB, gap=0.02)
+
+    async def main() -> None:
+        async with BlockStore(tmp_path, budget=GiB, min_free=0, readahead=0) as store:
+            await store.read("k", origin.size, 0, 4 * KiB, origin.fetch)
+        assert block_indexes(tmp_path) == {0}  # aclose waited for the rest of the block
+
+    run(main)
 
 
 def test_random_small_reads_fetch_only_the_blocks_containing_them(tmp_path: Path) -> None:
