@@ -333,27 +333,33 @@ class Bench:
                 with self.failure_noted(SEQ_PAGE, system.name):
                     self.page_cache_reads(path, system.name)
 
-    def first_byte(self, system: FileSystem) -> None:
-        self.step(f"{system.name}: time to first byte")
-        with self.fresh_cache(system, "ttfb") as cache, mounted(system, cache, "ttfb") as mount:
+    @contextlib.contextmanager
+    def cold(
+        self, system: FileSystem, phase: str, figure: Figure
+    ) -> Iterator[tuple[Path, Callable[[], TrafficDelta]]]:
+        """The 1 GiB file on a fresh mount over an empty cache, already looked up, and the
+        server's counter started; a failure inside becomes the figure's note."""
+        with self.fresh_cache(system, phase) as cache, mounted(system, cache, phase) as mount:
             path = self._stat(mount, BIG_NAME)
             measure = self.server.measure()
-            with self.failure_noted(TTFB, system.name):
-                seconds = first_byte(path)
-                self.record(TTFB, system.name, seconds * 1000, traffic_note(measure()))
+            with self.failure_noted(figure, system.name):
+                yield path, measure
+
+    def first_byte(self, system: FileSystem) -> None:
+        self.step(f"{system.name}: time to first byte")
+        with self.cold(system, "ttfb", TTFB) as (path, measure):
+            seconds = first_byte(path)
+            self.record(TTFB, system.name, seconds * 1000, traffic_note(measure()))
 
     def random(self, system: FileSystem) -> None:
         self.step(f"{system.name}: {RANDOM_READS} random 4 KiB reads")
         payload = self.server.big.stored.payload
-        with self.fresh_cache(system, "random") as cache, mounted(system, cache, "random") as m:
-            path = self._stat(m, BIG_NAME)
-            measure = self.server.measure()
-            with self.failure_noted(RANDOM_TIME, system.name):
-                seconds = random_reads(path, random_offsets(GIB), payload.read)
-                delta = measure()
-                self.record(RANDOM_TIME, system.name, seconds)
-                note = traffic_note(delta)
-                self.record(RANDOM_BYTES, system.name, delta.total_bytes / MIB, note)
+        with self.cold(system, "random", RANDOM_TIME) as (path, measure):
+            seconds = random_reads(path, random_offsets(GIB), payload.read)
+            delta = measure()
+            self.record(RANDOM_TIME, system.name, seconds)
+            note = traffic_note(delta)
+            self.record(RANDOM_BYTES, system.name, delta.total_bytes / MIB, note)
 
     def listing(self, system: FileSystem) -> None:
         self.step(f"{system.name}: `ls -l` and `du -s` of {MANY_COUNT:,} files")
@@ -408,18 +414,12 @@ class Bench:
     def wan(self, system: FileSystem) -> None:
         self.step(f"{system.name}: cold sequential and random reads over the emulated WAN")
         payload = self.server.big.stored.payload
-        with self.fresh_cache(system, "wan-seq") as cache, mounted(system, cache, "wan") as m:
-            path = self._stat(m, BIG_NAME)
-            measure = self.server.measure()
-            with self.failure_noted(WAN_SEQ, system.name):
-                seconds = sequential_read(path)
-                self.record(WAN_SEQ, system.name, mib_per_s(GIB, seconds), traffic_note(measure()))
-        with self.fresh_cache(system, "wan-random") as cache, mounted(system, cache, "wan") as m:
-            path = self._stat(m, BIG_NAME)
-            measure = self.server.measure()
-            with self.failure_noted(WAN_RANDOM, system.name):
-                seconds = random_reads(path, random_offsets(GIB), payload.read)
-                self.record(WAN_RANDOM, system.name, seconds, traffic_note(measure()))
+        with self.cold(system, "wan-seq", WAN_SEQ) as (path, measure):
+            seconds = sequential_read(path)
+            self.record(WAN_SEQ, system.name, mib_per_s(GIB, seconds), traffic_note(measure()))
+        with self.cold(system, "wan-random", WAN_RANDOM) as (path, measure):
+            seconds = random_reads(path, random_offsets(GIB), payload.read)
+            self.record(WAN_RANDOM, system.name, seconds, traffic_note(measure()))
 
     def run(self) -> None:
         self.curl()
