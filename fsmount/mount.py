@@ -127,14 +127,15 @@ async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> Non
             cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             metadata = MetadataStore(cache_dir / "metadata.sqlite")
             stack.callback(metadata.close)
-            # Readahead stays below the block store's in-memory budget (32 MiB), so blocks
-            # fetched ahead are served from memory rather than read back from disk.
-            blocks = BlockStore(cache_dir / "blocks", budget=cfg.cache_size, readahead=24 << 20)
-            stack.push_async_callback(blocks.aclose)
             policy = HttpPolicy.within(cfg.timeout)
             stats = TransferStats()
             storage = Storage(policy, stats)
             stack.push_async_callback(storage.aclose)
+            # Readahead stays below the block store's in-memory budget (32 MiB), so blocks
+            # fetched ahead are served from memory rather than read back from disk.
+            blocks = BlockStore(cache_dir / "blocks", budget=cfg.cache_size, readahead=24 << 20)
+            # Closed before storage: it finishes the downloads left running behind readers.
+            stack.push_async_callback(blocks.aclose)
             ctx = TreeContext(metadata.first_seen_many, listing_ttl=cfg.dir_cache_time)
 
             services: list[Directory] = []

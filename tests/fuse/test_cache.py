@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -225,6 +226,41 @@ def test_a_remount_serves_cached_files_without_storage_or_cdn(
         no_new_requests(services.scenario.log, "download", "cdn"),
     ):
         read_all(mount)
+
+
+def test_a_4k_read_is_answered_before_its_block_is_in_and_an_unmount_keeps_the_block(
+    mounter: Mounter, services, tmp_path
+) -> None:
+    """Every storage body stalls half-way for 2 s: a 4 KiB O_DIRECT read at the start of an
+    uncached block is answered from the half that came, without waiting out the stall.
+    Unmounting right after waits for the rest of the block (the download resumes after the
+    stall), so a remount serves the whole block without a storage request."""
+    cache = tmp_path / "cache"
+    mount = mounter.start("--archive", HUGE, scenario=False, cache_dir=cache)
+    path, _ = huge_file(mount, services)
+    os.stat(path)
+    offset = 700 * MiB
+    services.gc.storage_faults.configure(stall_rate=1.0, stall_seconds=2)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            with mmap.mmap(-1, 4096) as page:  # one page: the kernel asks the mount for 4 KiB
+                started = time.monotonic()
+                assert os.preadv(fd, [page], offset) == 4096
+                took = time.monotonic() - started
+                assert page[:] == pattern(SEED, offset, 4096)
+        finally:
+            os.close(fd)
+        assert services.gc.storage_faults.events("stall"), "the body did not stall"
+    finally:
+        services.gc.reset_faults()
+    assert took < 1.5, f"the 4 KiB read waited {took:.1f} s for the rest of its block"
+    assert mount.stop() == 0
+    mount = mounter.start("--archive", HUGE, scenario=False, cache_dir=cache)
+    path, _ = huge_file(mount, services)
+    os.stat(path)
+    with no_new_requests(services.gc.log, "storage"):
+        assert read_direct(path, offset, MiB) == pattern(SEED, offset, MiB)
 
 
 # -- crashes and damage -------------------------------------------------------------------------
