@@ -341,9 +341,9 @@ class BlockStore:
         self._direct = True  # O_DIRECT block writes, until the filesystem refuses them
         self._nursery: trio.Nursery | None = None  # the background service's, while it runs
         self._behind = trio.Semaphore(_BEHIND)
-        self._behind_running = 0
-        self._behind_idle = trio.Event()  # set while no download runs behind a reader
-        self._behind_idle.set()
+        self._background = 0  # downloads running without a reader waiting for all of them
+        self._background_idle = trio.Event()  # set while there are none
+        self._background_idle.set()
         self._slots = trio.Semaphore(max_parallel)  # readahead downloads in flight
         # Readahead work, oldest first; unbounded in count but not in bytes: each sequential
         # reader has at most its window (<= readahead) queued, and a queued chunk holds no data.
@@ -438,10 +438,10 @@ class BlockStore:
         self._index_complete = True
 
     async def drain(self) -> None:
-        """Wait until the downloads left running behind readers have stored their blocks (or
-        failed): after it, every block a reader was given bytes of is on disk, unless it could
-        not be stored."""
-        await self._behind_idle.wait()
+        """Wait until the downloads running in the background (left behind readers, or read
+        ahead) have stored their blocks or failed: after it, every block a reader was given
+        bytes of is on disk, unless it could not be stored."""
+        await self._background_idle.wait()
 
     async def aclose(self) -> None:
         """Finish the downloads behind readers (what was read stays read; a few seconds at
@@ -535,9 +535,7 @@ class BlockStore:
             self._behind.acquire_nowait()
         except trio.WouldBlock:
             return False
-        self._behind_running += 1
-        if self._behind_running == 1:
-            self._behind_idle = trio.Event()
+        self._background_started()
         self._nursery.start_soon(self._download_behind, ref, flight, fetch)
         return True
 
@@ -551,9 +549,17 @@ class BlockStore:
             del self._flights[ref.name]
             flight.finish()
             self._behind.release()
-            self._behind_running -= 1
-            if not self._behind_running:
-                self._behind_idle.set()
+            self._background_ended()
+
+    def _background_started(self) -> None:
+        self._background += 1
+        if self._background == 1:
+            self._background_idle = trio.Event()
+
+    def _background_ended(self) -> None:
+        self._background -= 1
+        if not self._background:
+            self._background_idle.set()
 
     async def _load(self, ref: _Ref) -> bytes | None:
         """Read and verify a block file; None when it is missing or bad (a bad one is deleted)."""
@@ -867,6 +873,7 @@ class BlockStore:
                 if run:
                     flights = [_Flight(downloaded=True) for _ in run]
                     self._flights.update(zip((ref.name for ref in run), flights, strict=True))
+                    self._background_started()
                     nursery.start_soon(self._download_run, run, flights, chunk.fetch)
                 else:
                     self._slots.release()
@@ -918,6 +925,7 @@ class BlockStore:
                 del self._flights[name]
                 flight.finish()
             self._slots.release()
+            self._background_ended()
 
     # -- background service -----------------------------------------------------------------
 

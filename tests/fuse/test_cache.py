@@ -251,7 +251,8 @@ def test_a_4k_read_is_answered_before_its_block_is_in_and_an_unmount_keeps_the_b
                 assert page[:] == pattern(SEED, offset, 4096)
         finally:
             os.close(fd)
-        assert services.gc.storage_faults.events("stall"), "the body did not stall"
+        stalled = services.gc.storage_faults.events
+        wait_for(lambda: stalled("stall"), 10, "the body to stall")
     finally:
         services.gc.reset_faults()
     assert took < 1.5, f"the 4 KiB read waited {took:.1f} s for the rest of its block"
