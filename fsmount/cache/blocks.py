@@ -170,7 +170,7 @@ class _Flight:
     so a reader that needs only its start need not wait for the rest.
     """
 
-    __slots__ = ("data", "done", "downloaded", "error", "parts", "progress", "received")
+    __slots__ = ("data", "done", "downloaded", "error", "parts", "progress", "received", "whole")
 
     def __init__(self, *, downloaded: bool) -> None:
         self.done = trio.Event()
@@ -179,6 +179,7 @@ class _Flight:
         self.downloaded = downloaded
         self.parts: list[memoryview] = []
         self.received = 0
+        self.whole: bytes | None = None  # all of the block, once in (before it is stored)
         self.progress = trio.Event()  # set, and replaced, when bytes arrive or the flight ends
 
     def advance(self, parts: list[memoryview], received: int) -> None:
@@ -186,12 +187,19 @@ class _Flight:
         self.progress.set()
         self.progress = trio.Event()
 
+    def arrive(self, block: bytes) -> None:
+        """All of the block is in: readers need not wait for it to be stored."""
+        self.whole = block
+        self.advance([], len(block))
+
     def finish(self) -> None:
         self.done.set()
         self.progress.set()
 
-    def arrived(self, lo: int, hi: int) -> bytes | None:
+    def arrived(self, lo: int, hi: int) -> bytes | memoryview | None:
         """Bytes `[lo, hi)` of the block if they have all arrived, else None."""
+        if self.whole is not None:
+            return _slice(self.whole, lo, hi)
         if self.received < hi:
             return None
         out, at = [], 0
@@ -203,7 +211,7 @@ class _Flight:
             at += len(part)
         return b"".join(out)
 
-    async def wait(self, lo: int, hi: int) -> bytes | None:
+    async def wait(self, lo: int, hi: int) -> bytes | memoryview | None:
         """Bytes `[lo, hi)` of the block as soon as they are in; None if the flight ends
         without the block (see `error`)."""
         while not self.done.is_set():
@@ -259,11 +267,11 @@ class _Cutter:
                 block = b"".join(self._parts)
                 self._parts, self._have = [], 0
             self._index += 1
+            flight.arrive(block)
             if self._index < len(self._lengths):
                 await self._complete(self._index - 1, block)
             else:
                 self._last = block
-                flight.advance([memoryview(block)], len(block))
 
     async def finish(self) -> None:
         if self._last is None:
@@ -633,9 +641,10 @@ class BlockStore:
         Nothing is written when room cannot be made (every other block is in use, or the block
         alone exceeds the budget): the reader still gets its bytes. The victims' files are
         deleted in the same worker-thread call, before the new file is written, so the
-        directory never holds more than this process accounts for. Memory gets the block last:
-        a block a reader has been given whole is on disk unless it could not be (one it got
-        early bytes of is, once `drain` returns).
+        directory never holds more than this process accounts for. Memory gets the block last.
+        Readers waiting on the block's flight got its bytes as soon as they were in (they do
+        not wait for the disk); a downloaded block is on disk once its flight has ended, and
+        every background one once `drain` returns, unless it could not be stored.
         """
         while (eviction := self._doomed.get(ref.name)) is not None:
             await eviction.done.wait()  # an older copy is being deleted: write after that
