@@ -54,6 +54,11 @@ answer a reader that needs only the first bytes of a block as soon as they are i
 # is still kept). Bounded, so that fast random readers cannot pile up downloads; beyond it a
 # reader waits for its whole block as before.
 _BEHIND = 16
+# A reader of bytes far into a block gets them first (that part of the block, then the rest)
+# when, at the recent download rate, the bytes before them would make it wait longer than this:
+# a far store, not a fast one, where the extra request costs more than it saves.
+_TAIL_FIRST_WAIT = 0.005  # seconds
+_RATE_SAMPLE = 256 << 10  # fetches at least this long measure the download rate
 _DRAIN_ON_CLOSE = 5.0  # seconds an unmount waits for them; a stalled server must not hold it
 
 # A block file is a header page followed by the block's bytes. The header names what the block
@@ -170,20 +175,33 @@ class _Flight:
     so a reader that needs only its start need not wait for the rest.
     """
 
-    __slots__ = ("data", "done", "downloaded", "error", "parts", "progress", "received", "whole")
+    __slots__ = (
+        "data",
+        "done",
+        "downloaded",
+        "error",
+        "offset",
+        "parts",
+        "progress",
+        "received",
+        "tail",
+        "whole",
+    )
 
     def __init__(self, *, downloaded: bool) -> None:
         self.done = trio.Event()
         self.data: bytes | None = None
         self.error: Exception | None = None
         self.downloaded = downloaded
-        self.parts: list[memoryview] = []
+        self.parts: list[memoryview] = []  # bytes [offset, offset + received) of the block
+        self.offset = 0
         self.received = 0
+        self.tail: tuple[int, bytes] | None = None  # (offset, bytes to the end), if fetched first
         self.whole: bytes | None = None  # all of the block, once in (before it is stored)
         self.progress = trio.Event()  # set, and replaced, when bytes arrive or the flight ends
 
-    def advance(self, parts: list[memoryview], received: int) -> None:
-        self.parts, self.received = parts, received
+    def advance(self, parts: list[memoryview], received: int, offset: int = 0) -> None:
+        self.parts, self.received, self.offset = parts, received, offset
         self.progress.set()
         self.progress = trio.Event()
 
@@ -200,9 +218,11 @@ class _Flight:
         """Bytes `[lo, hi)` of the block if they have all arrived, else None."""
         if self.whole is not None:
             return _slice(self.whole, lo, hi)
-        if self.received < hi:
+        if self.tail is not None and lo >= self.tail[0]:
+            return _slice(self.tail[1], lo - self.tail[0], hi - self.tail[0])
+        if lo < self.offset or self.offset + self.received < hi:
             return None
-        out, at = [], 0
+        out, at = [], self.offset
         for part in self.parts:
             if at >= hi:
                 break
@@ -349,6 +369,7 @@ class BlockStore:
         self._direct = True  # O_DIRECT block writes, until the filesystem refuses them
         self._nursery: trio.Nursery | None = None  # the background service's, while it runs
         self._behind = trio.Semaphore(_BEHIND)
+        self._rate: float | None = None  # bytes per second of recent fetches (moving average)
         self._background = 0  # downloads running without a reader waiting for all of them
         self._background_idle = trio.Event()  # set while there are none
         self._background_idle.set()
@@ -514,7 +535,7 @@ class BlockStore:
             if data is None:
                 flight.downloaded = True
                 whole = lo == 0 and hi == ref.end - ref.start
-                behind = not whole and self._start_behind(ref, flight, fetch)
+                behind = not whole and self._start_behind(ref, flight, fetch, lo)
                 if behind:
                     got = await flight.wait(lo, hi)
                     if got is None:
@@ -534,9 +555,9 @@ class BlockStore:
                 del self._flights[ref.name]
                 flight.finish()
 
-    def _start_behind(self, ref: _Ref, flight: _Flight, fetch: Fetch) -> bool:
+    def _start_behind(self, ref: _Ref, flight: _Flight, fetch: Fetch, lo: int) -> bool:
         """Download a block in the background, if a slot is free; the caller waits on its
-        flight for the bytes it needs."""
+        flight for the bytes it needs, from `lo` on."""
         if self._nursery is None:
             return False
         try:
@@ -544,12 +565,17 @@ class BlockStore:
         except trio.WouldBlock:
             return False
         self._background_started()
-        self._nursery.start_soon(self._download_behind, ref, flight, fetch)
+        self._nursery.start_soon(self._download_behind, ref, flight, fetch, lo)
         return True
 
-    async def _download_behind(self, ref: _Ref, flight: _Flight, fetch: Fetch) -> None:
+    async def _download_behind(self, ref: _Ref, flight: _Flight, fetch: Fetch, lo: int) -> None:
+        split = lo - lo % _PAGE
+        rate = self._rate
         try:
-            flight.data = await self._download(ref, flight, fetch)
+            if split and rate and split / rate > _TAIL_FIRST_WAIT:
+                flight.data = await self._download_tail_first(ref, flight, fetch, split)
+            else:
+                flight.data = await self._download(ref, flight, fetch)
         except Exception as exc:  # the reader that started it raises it, as do its waiters
             log.debug("download of %s failed: %s", ref.name, exc)
             flight.error = exc
@@ -558,6 +584,54 @@ class BlockStore:
             flight.finish()
             self._behind.release()
             self._background_ended()
+
+    async def _download_tail_first(
+        self, ref: _Ref, flight: _Flight, fetch: Fetch, split: int
+    ) -> bytes:
+        """The block in two requests, its bytes from `split` on first: the reader that wants
+        them gets them after one round trip, not after the bytes before them."""
+        tail = await self._fetch_part(fetch, ref.start + split, ref.end, flight, split)
+        flight.tail = (split, tail)
+        head = await self._fetch_part(fetch, ref.start, ref.start + split, flight, 0)
+        block = head + tail
+        flight.arrive(block)
+        await self._store(ref, block)
+        return block
+
+    async def _fetch_part(
+        self, fetch: Fetch, start: int, end: int, flight: _Flight, offset: int
+    ) -> bytes:
+        """Bytes `[start, end)` of an object, part of one block from `offset` in it; the
+        flight shows them as they arrive."""
+        parts: list[memoryview] = []
+        have = 0
+
+        async def sink(piece: bytes) -> None:
+            nonlocal have
+            if have + len(piece) > end - start:
+                raise FetchError.eio(f"got more than the {end - start} bytes asked for")
+            parts.append(memoryview(piece))
+            have += len(piece)
+            flight.advance(parts, have, offset)
+
+        began = trio.current_time()
+        self._downloads += 1
+        try:
+            await fetch(start, end, sink)
+        finally:
+            self._downloads -= 1
+        if have != end - start:
+            raise FetchError.eio(f"asked for {end - start} bytes at {start}, got {have}")
+        self._fetched(have, trio.current_time() - began)
+        return b"".join(parts)
+
+    def _fetched(self, length: int, seconds: float) -> None:
+        """Count a completed fetch, and learn the download rate from the longer ones."""
+        self._counters["fetches"] += 1
+        self._counters["bytes_fetched"] += length
+        if length >= _RATE_SAMPLE and seconds > 0:
+            sample = length / seconds
+            self._rate = sample if self._rate is None else 0.8 * self._rate + 0.2 * sample
 
     def _background_started(self) -> None:
         self._background += 1
@@ -624,6 +698,7 @@ class BlockStore:
         its position in the run) as soon as it is in."""
         start, end = run[0].start, run[-1].end
         cutter = _Cutter(run, flights, complete)
+        began = trio.current_time()
         self._downloads += 1
         try:
             await fetch(start, end, cutter)
@@ -631,8 +706,7 @@ class BlockStore:
             self._downloads -= 1
         if cutter.received != end - start:
             raise FetchError.eio(f"asked for {end - start} bytes at {start}, got {cutter.received}")
-        self._counters["fetches"] += 1
-        self._counters["bytes_fetched"] += cutter.received
+        self._fetched(cutter.received, trio.current_time() - began)
         await cutter.finish()
 
     async def _store(self, ref: _Ref, data: bytes) -> None:

@@ -251,6 +251,43 @@ def test_a_reader_of_part_of_a_block_gets_it_as_soon_as_it_is_in(tmp_path: Path)
     run(main)
 
 
+def test_on_a_slow_link_a_reader_far_into_a_block_gets_its_bytes_first(tmp_path: Path) -> None:
+    """Once fetches show a slow link, a 4 KiB read near a block's end asks for the bytes from
+    its page to the block's end first, then for the rest: it waits for one round trip, not for
+    the whole block; the block is still kept whole and right."""
+    origin = Origin(4 * MiB, piece=64 * KiB, gap=0.03)  # ~2 MiB/s: a block takes ~0.5 s
+
+    async def main() -> None:
+        async with BlockStore(tmp_path, budget=GiB, min_free=0, readahead=0) as store:
+            await store.read("k", origin.size, 0, MiB, origin.fetch)  # learns the rate
+            offset = 2 * MiB - 4 * KiB
+            started = trio.current_time()
+            data = await store.read("k", origin.size, offset, 4 * KiB, origin.fetch)
+            assert data == origin.expect(offset, 4 * KiB)
+            assert trio.current_time() - started < 0.25  # not the ~0.5 s of the whole block
+            await store.drain()
+            assert origin.calls[1:] == [(offset, 2 * MiB), (MiB, offset)]  # its page first
+            whole = await store.read("k", origin.size, MiB, MiB, origin.fetch)
+            assert whole == origin.expect(MiB, MiB) and len(origin.calls) == 3  # from the cache
+
+    run(main)
+    assert block_indexes(tmp_path) == {0, 1}
+
+
+def test_on_a_fast_link_a_block_is_fetched_in_one_request(tmp_path: Path) -> None:
+    origin = Origin(4 * MiB)
+
+    async def main() -> None:
+        async with BlockStore(tmp_path, budget=GiB, min_free=0, readahead=0) as store:
+            await store.read("k", origin.size, 0, MiB, origin.fetch)
+            # 64 KiB in: at local speed the bytes before it take far less than a round trip
+            await store.read("k", origin.size, MiB + 64 * KiB, 4 * KiB, origin.fetch)
+            await store.drain()
+
+    run(main)
+    assert origin.calls == [(0, MiB), (MiB, 2 * MiB)]
+
+
 def test_closing_the_store_keeps_the_block_a_reader_got_part_of(tmp_path: Path) -> None:
     origin = Origin(2 * MiB, piece=256 * KiB, gap=0.02)
 
