@@ -614,21 +614,27 @@ class BlockStore:
             have += len(piece)
             flight.advance(parts, have, offset)
 
+        await self._counted_fetch(fetch, start, end, sink, lambda: have)
+        return b"".join(parts)
+
+    async def _counted_fetch(
+        self, fetch: Fetch, start: int, end: int, sink: Sink, received: Callable[[], int]
+    ) -> None:
+        """One fetch into `sink`: counted while in flight, checked to have delivered exactly
+        `[start, end)` (`received` tells what the sink got), and timed: the longer ones teach
+        the store the download rate."""
         began = trio.current_time()
         self._downloads += 1
         try:
             await fetch(start, end, sink)
         finally:
             self._downloads -= 1
-        if have != end - start:
-            raise FetchError.eio(f"asked for {end - start} bytes at {start}, got {have}")
-        self._fetched(have, trio.current_time() - began)
-        return b"".join(parts)
-
-    def _fetched(self, length: int, seconds: float) -> None:
-        """Count a completed fetch, and learn the download rate from the longer ones."""
+        length = received()
+        if length != end - start:
+            raise FetchError.eio(f"asked for {end - start} bytes at {start}, got {length}")
         self._counters["fetches"] += 1
         self._counters["bytes_fetched"] += length
+        seconds = trio.current_time() - began
         if length >= _RATE_SAMPLE and seconds > 0:
             sample = length / seconds
             self._rate = sample if self._rate is None else 0.8 * self._rate + 0.2 * sample
@@ -696,17 +702,8 @@ class BlockStore:
     ) -> None:
         """Fetch a run of consecutive blocks in one request, handing each to `complete` (with
         its position in the run) as soon as it is in."""
-        start, end = run[0].start, run[-1].end
         cutter = _Cutter(run, flights, complete)
-        began = trio.current_time()
-        self._downloads += 1
-        try:
-            await fetch(start, end, cutter)
-        finally:
-            self._downloads -= 1
-        if cutter.received != end - start:
-            raise FetchError.eio(f"asked for {end - start} bytes at {start}, got {cutter.received}")
-        self._fetched(cutter.received, trio.current_time() - began)
+        await self._counted_fetch(fetch, run[0].start, run[-1].end, cutter, lambda: cutter.received)
         await cutter.finish()
 
     async def _store(self, ref: _Ref, data: bytes) -> None:
