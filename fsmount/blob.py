@@ -7,8 +7,8 @@ itself, because signed URLs expire and resolving one may cost an audited API req
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -28,14 +28,16 @@ class BlobStat:
     etag: str | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RemoteBlob:
     """Bytes fetched over HTTP from a signed URL.
 
     `key` identifies the object on its service (never a URL). `version` is set when the
     service itself names the content version (Scenario's `updatedAt`); otherwise the storage
     ETag learned on the first probe serves. `size`/`mtime` are set when the API gives them, which
-    spares a probe. `description` is a secret-free label for logs.
+    spares a probe. `description` is a secret-free label for logs. `costly_probe` marks
+    bytes the service makes on demand (a format conversion): their size is never probed before
+    a program asks for it.
     """
 
     key: str
@@ -44,7 +46,8 @@ class RemoteBlob:
     size: int | None = None
     mtime: float | None = None
     version: str | None = None
-    xattrs: dict[str, str] = field(default_factory=dict)
+    xattrs: Mapping[str, str] | None = None
+    costly_probe: bool = False
 
 
 @dataclass(eq=False)

@@ -12,6 +12,7 @@ import errno
 import logging
 import sqlite3
 from collections.abc import Iterable
+from typing import Any
 
 import trio
 from cachetools import LRUCache
@@ -28,68 +29,105 @@ _MEMORY_ENTRIES = 200_000  # sizes and ETags kept in memory (each ~200 bytes)
 _SAVE_BATCH = 256  # probe results written to the metadata store in one transaction
 
 
+class _Probe:
+    """One size probe in flight: who waits on it, and how it failed (for them alone)."""
+
+    __slots__ = ("done", "failure", "started")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.failure: FetchError | None = None
+        self.started = False  # a guess waits for a slot before it starts
+
+
 class Content:
     """Sizes and bytes of blobs, for the FUSE layer (which knows nothing of where they live)."""
 
     def __init__(
-        self, storage: Storage, blocks: BlockStore, metadata: MetadataStore, *, parallel: int = 32
+        self,
+        storage: Storage,
+        blocks: BlockStore,
+        metadata: MetadataStore,
+        *,
+        parallel: int = 32,
+        speculative: int = 16,
     ) -> None:
         self._storage = storage
         self._blocks = blocks
         self._metadata = metadata
         # Bounded: every size is also in the metadata store, so a dropped one costs a lookup.
         self._stats: LRUCache[str, BlobStat] = LRUCache(maxsize=_MEMORY_ENTRIES)
-        self._probing: dict[str, trio.Event] = {}
-        self._failures: dict[str, FetchError] = {}
+        self._probing: dict[str, _Probe] = {}
         self._unsaved: dict[str, dict[str, object]] = {}  # probe results not yet on disk
         # ETags first seen, for blobs whose stat had none (a dropped one is pinned again)
         self._etags: LRUCache[str, str] = LRUCache(maxsize=_MEMORY_ENTRIES)
         self._limit = trio.CapacityLimiter(parallel)
+        # Probes nobody waits for yet take at most this many of the slots above, so a
+        # program's own stat never queues behind a whole window of guesses.
+        self._guesses = trio.CapacityLimiter(min(speculative, parallel))
+
+    def known(self, blob: Blob) -> BlobStat | None:
+        """The size and time if known without any I/O (memory, or what the API gave)."""
+        if isinstance(blob, InlineBlob):
+            return BlobStat(len(blob.data), 0.0)
+        st = self._stats.get(_identity(blob))
+        if st is None and blob.size is not None and blob.mtime is not None:
+            st = BlobStat(blob.size, blob.mtime, None)
+        return st
+
+    def recall_many(self, blobs: Iterable[Blob]) -> None:
+        """Bring sizes kept by earlier mounts into memory, one query for many blobs (a
+        directory's worth), so `known` answers for them without a query each."""
+        missing = {
+            _meta_key(blob): blob
+            for blob in blobs
+            if isinstance(blob, RemoteBlob) and self.known(blob) is None
+        }
+        if not missing:
+            return
+        for key, stored in self._metadata.get_many(missing).items():
+            if "size" in stored:
+                blob = missing[key]
+                self._stats[_identity(blob)] = _stored_stat(stored)
 
     async def stat(self, blob: Blob) -> BlobStat:
         if isinstance(blob, InlineBlob):
             return BlobStat(len(blob.data), 0.0)
-        known = self._known(blob)
+        known = self.recalled(blob)
         if known is not None:
             return known
-        await self._probe_of(blob).wait()
-        known = self._known(blob)
+        probe = self._probe_of(blob)
+        await probe.done.wait()
+        known = self.recalled(blob)
         if known is not None:
             return known
-        failure = self._failures.get(blob.key)
-        raise FetchError(
-            failure.errno if failure else errno.EIO,
-            str(failure) if failure else f"{blob.description}: size unknown",
-        )
+        failure = probe.failure
+        raise failure or FetchError(errno.EIO, f"{blob.description}: size unknown")
 
-    async def stat_many(self, blobs: Iterable[Blob]) -> None:
-        """Learn many sizes at once (a directory listing): bounded parallel probes.
+    def guess(self, blob: RemoteBlob) -> None:
+        """Probe a size no program asked for yet but one probably will (a walk ahead): it
+        runs under the narrower limit, and a program asking meanwhile does not queue behind
+        it (`_probe_of` starts it at once)."""
+        if blob.key not in self._probing and self.recalled(blob) is None:
+            probe = self._probing[blob.key] = _Probe()
+            trio.lowlevel.spawn_system_task(self._guessed, blob, probe)
 
-        The probes outlive the request that wanted them: when a huge listing takes longer than
-        the request's deadline, what was learned is kept and a retried `ls` goes on from there.
-        Failures are left for each file's own `stat` to report.
-        """
-        waits = [
-            self._probe_of(blob)
-            for blob in blobs
-            if isinstance(blob, RemoteBlob) and self._known(blob) is None
-        ]
-        for done in waits:
-            await done.wait()
+    def _probe_of(self, blob: RemoteBlob) -> _Probe:
+        probe = self._probing.get(blob.key)
+        if probe is None:
+            probe = self._probing[blob.key] = _Probe()
+        if not probe.started:
+            probe.started = True
+            trio.lowlevel.spawn_system_task(self._probe, blob, probe)
+        return probe
 
-    def _probe_of(self, blob: RemoteBlob) -> trio.Event:
-        """The running probe of `blob`, or a new one. (An Event has no truth value in trio:
-        `get(...) or start()` raises on a probe in progress.)"""
-        pending = self._probing.get(blob.key)
-        return pending if pending is not None else self._start_probe(blob)
+    async def _guessed(self, blob: RemoteBlob, probe: _Probe) -> None:
+        async with self._guesses:
+            if not probe.started:  # else a program asked meanwhile: it runs already
+                probe.started = True
+                await self._probe(blob, probe)
 
-    def _start_probe(self, blob: RemoteBlob) -> trio.Event:
-        done = self._probing[blob.key] = trio.Event()
-        self._failures.pop(blob.key, None)
-        trio.lowlevel.spawn_system_task(self._probe, blob, done)
-        return done
-
-    async def _probe(self, blob: RemoteBlob, done: trio.Event) -> None:
+    async def _probe(self, blob: RemoteBlob, probe: _Probe) -> None:
         """One size probe, as a task of its own: it must never raise (it would end the mount)."""
         try:
             async with self._limit:
@@ -99,16 +137,16 @@ class Content:
             self._stats[_identity(blob)] = st
             self._unsaved[_meta_key(blob)] = {"size": st.size, "mtime": st.mtime, "etag": st.etag}
         except FetchError as exc:
-            self._failures[blob.key] = exc
+            probe.failure = exc
             log.warning("size of %s: %s", blob.description, exc)
         except Exception as exc:
-            self._failures[blob.key] = FetchError.eio(f"{blob.description}: {exc!r}")
+            probe.failure = FetchError.eio(f"{blob.description}: {exc!r}")
             log.exception("size of %s", blob.description)
         finally:
             del self._probing[blob.key]
             if len(self._unsaved) >= _SAVE_BATCH or not self._probing:
                 self._save()
-            done.set()
+            probe.done.set()
 
     def _save(self) -> None:
         """Write what probes learned in one transaction: a directory of 10,000 files costs a
@@ -163,19 +201,20 @@ class Content:
             self._metadata.put(_meta_key(blob), {})
         self._storage.forget_url(blob)
 
-    def _known(self, blob: RemoteBlob) -> BlobStat | None:
-        st = self._stats.get(_identity(blob))
-        if st is not None:
-            return st
-        if blob.size is not None and blob.mtime is not None:
-            st = BlobStat(blob.size, blob.mtime, None)
-        else:
+    def recalled(self, blob: RemoteBlob) -> BlobStat | None:
+        """`known`, or else what the metadata store kept: no request to any service."""
+        st = self.known(blob)
+        if st is None:
             stored = self._metadata.get(_meta_key(blob))
             if not stored or "size" not in stored:
                 return None
-            st = BlobStat(stored["size"], stored["mtime"], stored.get("etag"))
+            st = _stored_stat(stored)
         self._stats[_identity(blob)] = st
         return st
+
+
+def _stored_stat(stored: dict[str, Any]) -> BlobStat:
+    return BlobStat(stored["size"], stored["mtime"], stored.get("etag"))
 
 
 def _identity(blob: RemoteBlob) -> str:

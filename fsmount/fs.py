@@ -16,14 +16,15 @@ import os
 import stat
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
-from fsmount.blob import BlobStat
+from fsmount.blob import Blob, BlobStat
 from fsmount.content import Content
 from fsmount.errors import FetchError
+from fsmount.lookahead import StatAhead
 from fsmount.tree import Directory, File, Node
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,9 @@ T = TypeVar("T")
 
 BLOCK_SIZE = 128 * 1024
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+XATTR_NAMESPACE = "user."
 XATTR_PREFIX = "user.fsmount."
+Attrs = pyfuse3.EntryAttributes
 
 
 def handler(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
@@ -73,10 +76,16 @@ class FuseStats:
     bytes_served: int = 0
     reads: int = 0
     errors: int = 0
+    xattr_requests: int = 0  # getxattr and listxattr, whatever their answer
 
 
 class Operations(pyfuse3.Operations):
-    """Read-only filesystem over a tree of nodes (the mount's root directory is `root`)."""
+    """Read-only filesystem over a tree of nodes (the mount's root directory is `root`).
+
+    Inodes live on the nodes themselves (`Node.ino`, `Node.lookups`) and in one map from inode
+    number to node: a walk of a large archive leaves the kernel holding a reference to every
+    entry it listed, so the per-inode cost here is what bounds the mount's memory.
+    """
 
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -87,6 +96,7 @@ class Operations(pyfuse3.Operations):
         root: Directory,
         content: Content,
         *,
+        sizes: StatAhead | None = None,
         request_deadline: float = 90.0,
         attr_timeout: float = 60.0,
     ) -> None:
@@ -95,16 +105,17 @@ class Operations(pyfuse3.Operations):
         self.request_deadline = request_deadline
         self._attr_timeout = attr_timeout
         self._content = content
+        self._sizes = sizes or StatAhead(content)
         self._uid = os.getuid()
         self._gid = os.getgid()
+        root.ino = pyfuse3.ROOT_INODE
+        root.lookups = 1  # the kernel never forgets the root
+        self._root = root
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
-        self._parents: dict[int, int] = {pyfuse3.ROOT_INODE: pyfuse3.ROOT_INODE}
-        self._inodes: dict[str, int] = {root.path: pyfuse3.ROOT_INODE}
-        self._lookups: dict[int, int] = {}
         self._next_inode = itertools.count(pyfuse3.ROOT_INODE + 1)
         self._next_fh = itertools.count(1)
-        self._dir_handles: dict[int, list[tuple[bytes, Node, pyfuse3.EntryAttributes]]] = {}
-        self._file_handles: dict[int, tuple[File, BlobStat]] = {}
+        self._dir_handles: dict[int, Sequence[Node]] = {}
+        self._file_handles: dict[int, tuple[Blob, BlobStat]] = {}
         self._opened_versions: dict[int, BlobStat] = {}
         self.initialized = trio.Event()
 
@@ -121,131 +132,135 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
 
-    def _remember(self, node: Node, parent: int, count: int = 1) -> int:
-        """The inode for `node` (new, or the one its path already has), its lookup count +1."""
-        inode = self._inodes.get(node.path)
-        if inode is None:
-            inode = next(self._next_inode)
-            self._inodes[node.path] = inode
-        self._nodes[inode] = node  # a refreshed listing's node replaces the old one
-        self._parents[inode] = parent
-        self._lookups[inode] = self._lookups.get(inode, 0) + count
+    def _inode_of(self, node: Node) -> int:
+        if not node.ino:
+            node.ino = next(self._next_inode)
+        return node.ino
+
+    def _remember(self, node: Node, count: int = 1) -> int:
+        """The inode for `node` (new, or the one it already has), its lookup count +count."""
+        inode = self._inode_of(node)
+        self._nodes[inode] = node  # a refreshed listing's node stands for the old one
+        node.lookups += count
         return inode
+
+    def replaced(self, old: Node, new: Node) -> None:
+        """A refreshed listing brought `new` where `old` was: it takes over the inode, so the
+        kernel's references stay valid and the old node (and what hangs below it) can go."""
+        if old.ino and self._nodes.get(old.ino) is old:
+            new.ino, new.lookups = old.ino, old.lookups
+            self._nodes[new.ino] = new
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
             for inode, nlookup in inode_list:
-                left = self._lookups.get(inode, 0) - nlookup
-                if left > 0 or inode == pyfuse3.ROOT_INODE:
-                    self._lookups[inode] = max(left, 0)
+                node = self._nodes.get(inode)
+                if node is None or inode == pyfuse3.ROOT_INODE:
                     continue
-                self._lookups.pop(inode, None)
-                self._opened_versions.pop(inode, None)
-                node = self._nodes.pop(inode, None)
-                self._parents.pop(inode, None)
-                if node is not None:
-                    self._inodes.pop(node.path, None)
+                node.lookups -= nlookup
+                if node.lookups <= 0:
+                    del self._nodes[inode]
+                    self._opened_versions.pop(inode, None)
+                    node.ino = node.lookups = 0
         except Exception:
             log.exception("forget failed")  # forget must never raise
 
     # ----- attributes -----------------------------------------------------------------
 
-    async def _attributes(self, node: Node, inode: int) -> pyfuse3.EntryAttributes:
+    def _base_attributes(self, node: Node, size: int, mtime: float, timeout: float) -> Attrs:
         attrs = pyfuse3.EntryAttributes()
-        mtime = node.mtime or 0.0
         if isinstance(node, Directory):
             attrs.st_mode = stat.S_IFDIR | 0o555
             attrs.st_nlink = 2
-            attrs.st_size = 0
         else:
-            assert isinstance(node, File) and node.blob is not None
-            st = await self._content.stat(node.blob)
             attrs.st_mode = stat.S_IFREG | 0o444
             attrs.st_nlink = 1
-            attrs.st_size = st.size
-            mtime = st.mtime or mtime
-        attrs.st_ino = inode
+        attrs.st_size = size
+        attrs.st_ino = node.ino
         attrs.st_uid = self._uid
         attrs.st_gid = self._gid
         attrs.st_blksize = BLOCK_SIZE
-        attrs.st_blocks = math.ceil(attrs.st_size / 512)
+        attrs.st_blocks = math.ceil(size / 512)
         ns = int(mtime * 1e9)
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = ns
         attrs.entry_timeout = self._attr_timeout
-        attrs.attr_timeout = self._attr_timeout
+        attrs.attr_timeout = timeout
         return attrs
+
+    async def _attributes(self, node: Node) -> Attrs:
+        """Exact attributes: a file's size is learned now if it is not known yet."""
+        if isinstance(node, File):
+            st = await self._sizes.stat(node)
+            return self._base_attributes(
+                node, st.size, st.mtime or node.mtime or 0.0, self._attr_timeout
+            )
+        return self._base_attributes(node, 0, node.mtime or 0.0, self._attr_timeout)
+
+    def _listed_attributes(self, node: Node) -> Attrs:
+        """Attributes for a directory listing, which never waits for a size.
+
+        A file whose size is not known yet gets attributes that expire at once (timeout 0):
+        the kernel keeps the entry but asks `getattr` again before it uses any attribute
+        (stat, fstat, read past the end it knows, lseek from the end, mmap's fstat), so no
+        program sees the placeholder; a walk that only wants names never pays for a size.
+        """
+        if isinstance(node, File):
+            st = self._content.known(node.blob)
+            if st is None:
+                return self._base_attributes(node, 0, node.mtime or 0.0, 0.0)
+            return self._base_attributes(
+                node, st.size, st.mtime or node.mtime or 0.0, self._attr_timeout
+            )
+        return self._base_attributes(node, 0, node.mtime or 0.0, self._attr_timeout)
 
     # ----- lookups and listings -------------------------------------------------------
 
-    async def _child(self, parent: int, name: str) -> Node:
-        node = self._node(parent)
+    def _directory(self, inode: int) -> Directory:
+        node = self._node(inode)
         if not isinstance(node, Directory):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        child = (await node.children()).get(name)
-        if child is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return child
+        return node
 
     @handler
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         text = os.fsdecode(name)
+        parent = self._directory(parent_inode)
         if text == ".":
-            return await self._attributes(self._node(parent_inode), parent_inode)
+            return await self._attributes(parent)
         if text == "..":
-            grand = self._parents.get(parent_inode, pyfuse3.ROOT_INODE)
-            return await self._attributes(self._node(grand), grand)
-        child = await self._child(parent_inode, text)
-        attrs = await self._attributes(child, self._inodes.get(child.path, 0))
-        attrs.st_ino = self._remember(child, parent_inode)
+            return await self._attributes(parent.parent or self._root)
+        child = await parent.child(text)
+        if child is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        attrs = await self._attributes(child)
+        attrs.st_ino = self._remember(child)
         return attrs
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._attributes(self._node(inode), inode)
+        return await self._attributes(self._node(inode))
 
     @handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        node = self._node(inode)
-        if not isinstance(node, Directory):
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        children = list((await node.children()).values())
-        await self._content.stat_many(c.blob for c in children if isinstance(c, File) and c.blob)
-        entries = []
-        for child in children:
-            try:
-                attrs = await self._attributes(child, 0)
-            except FetchError as exc:
-                log.warning("%s: left out of the listing: %s", child.path, exc)
-                continue
-            entries.append((os.fsencode(child.name), child, attrs))
+        listing = await self._directory(inode).children()
+        # One metadata query for the sizes kept from earlier mounts, not one per entry.
+        self._content.recall_many(n.blob for n in listing.nodes if isinstance(n, File))
         fh = next(self._next_fh)
-        self._dir_handles[fh] = entries
+        self._dir_handles[fh] = listing.nodes
         return fh
 
     @handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self._dir_handles.get(fh, [])
+        entries = self._dir_handles.get(fh, ())
         for index in range(start_id, len(entries)):
-            name, child, attrs = entries[index]
-            inode = self._inodes.get(child.path)
-            attrs.st_ino = inode if inode is not None else self._peek_inode(child)
-            if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
+            child = entries[index]
+            attrs = self._listed_attributes(child)
+            attrs.st_ino = self._inode_of(child)
+            if not pyfuse3.readdir_reply(token, os.fsencode(child.name), attrs, index + 1):
                 return
-            self._remember(child, self._parent_of(child), 1)
-
-    def _peek_inode(self, node: Node) -> int:
-        """Assign an inode without counting a lookup (counted once readdir_reply accepts it)."""
-        inode = next(self._next_inode)
-        self._inodes[node.path] = inode
-        self._nodes[inode] = node
-        self._lookups.setdefault(inode, 0)
-        return inode
-
-    def _parent_of(self, node: Node) -> int:
-        parent_path = node.path.rpartition("/")[0]
-        return self._inodes.get(parent_path, pyfuse3.ROOT_INODE)
+            self._remember(child)
 
     async def releasedir(self, fh: int) -> None:
         self._dir_handles.pop(fh, None)
@@ -257,25 +272,25 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if flags & WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
-        if not isinstance(node, File) or node.blob is None:
+        if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EISDIR)
         # The kernel keeps a file's pages across opens, unless told otherwise: it is told so
         # when the remote version changed since the last open (no notification needed, so
         # nothing can deadlock against a reader holding those pages).
-        version = await self._content.stat(node.blob)
+        version = await self._sizes.stat(node)
         keep = self._opened_versions.get(inode, version) == version
         self._opened_versions[inode] = version
         fh = next(self._next_fh)
-        self._file_handles[fh] = (node, version)  # reads of this handle stay on this version
+        self._file_handles[fh] = (node.blob, version)  # reads of this handle stay on it
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._file_handles.get(fh)
-        if handle is None or handle[0].blob is None:
+        if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        node, version = handle
-        data = await self._content.read(node.blob, off, size, version)
+        blob, version = handle
+        data = await self._content.read(blob, off, size, version)
         self.stats.reads += 1
         self.stats.bytes_served += len(data)
         return data
@@ -294,18 +309,20 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        value = self._xattrs(self._node(inode)).get(os.fsdecode(name))
+        self.stats.xattr_requests += 1
+        text = os.fsdecode(name)
+        if not text.startswith(XATTR_NAMESPACE):
+            # security.selinux, system.posix_acl_*: "not supported" rather than "absent", so
+            # ls, cp and rsync stop asking for this filesystem after the first file (ls -l of
+            # 2,000 files otherwise costs 4,000 round trips here).
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        attrs = self._node(inode).xattrs()
+        value = attrs.get(text[len(XATTR_PREFIX) :]) if text.startswith(XATTR_PREFIX) else None
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        return value.encode()
+        return str(value).encode()
 
     @handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [name.encode() for name in self._xattrs(self._node(inode))]
-
-    @staticmethod
-    def _xattrs(node: Node) -> dict[str, str]:
-        attrs: dict[str, Any] = dict(node.xattrs)
-        if isinstance(node, File) and node.blob is not None:
-            attrs.update(getattr(node.blob, "xattrs", {}))
-        return {f"{XATTR_PREFIX}{k}": str(v) for k, v in attrs.items()}
+        self.stats.xattr_requests += 1
+        return [f"{XATTR_PREFIX}{name}".encode() for name in self._node(inode).xattrs()]

@@ -151,7 +151,7 @@ async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> Non
                 )
                 stack.push_async_callback(api.aclose)
                 apis.append(api)
-                gc = GrandChallenge(api, ctx, metadata, archives=list(cfg.archive))
+                gc = GrandChallenge(api, ctx, archives=list(cfg.archive))
                 await gc.check()
                 services.append(gc.directory())
             scenario = scenario_credentials_source(cfg)
@@ -178,11 +178,14 @@ async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> Non
                 )
 
             names = ", ".join(service.name for service in services)
-            root = Directory("", "", ctx, children=services, xattrs={"services": names})
-            root.mtime = metadata.first_seen_many([""])[""]
+            root_time = metadata.first_seen_many([""])[""]
+            root = Directory(
+                "", ctx, children=services, xattrs={"services": names}, mtime=root_time
+            )
             ops = Operations(
                 root, Content(storage, blocks, metadata), request_deadline=cfg.timeout + 15
             )
+            ctx.replaced = ops.replaced
             collect = status_collector(mountpoint, cache_dir, blocks, stats, apis, ops)
             metrics: list[trio.SocketListener] = []
             if cfg.metrics_port is not None:  # bound now: a port in use fails before mounting

@@ -386,10 +386,10 @@ class _Builder:
     def value(self, slug: str, value: Any) -> Value:
         return Value(self._civ_pk(), SOCKET[slug], value=value)
 
-    def file(self, slug: str, data: bytes, filename: str | None = None) -> Value:
+    def file(self, slug: str | Socket, data: bytes, filename: str | None = None) -> Value:
         """A File value; `filename` is the stored basename when it is not the socket's."""
         pk = self._civ_pk()
-        socket = SOCKET[slug]
+        socket = slug if isinstance(slug, Socket) else SOCKET[slug]
         name = filename or socket.relative_path.rsplit("/", 1)[-1] or "file"
         key = f"components/componentinterfacevalue/{hex(pk)[-4:-2]}/{hex(pk)[-2:]}/{pk}/{name}"
         stored = _stored(key, Payload.of(data, self._time()), data)
@@ -662,6 +662,44 @@ def _private(b: _Builder) -> Archive:
     )
 
 
+def wide_socket(number: int) -> Socket:
+    """One of many CSV sockets that share a directory (`wide/`), for wide item directories."""
+    slug = f"wide-{number:04d}"
+    return Socket(5000 + number, slug, slug.title(), "CSV file", "File", f"wide/{slug}.csv")
+
+
+def scale_archive(
+    b: _Builder, slug: str, size: int, *, wide: int = 0, public: bool = True
+) -> Archive:
+    """An archive of `size` items, each a Value, two Files and an Image (the shape the scale
+    tests and benchmark walk); `wide` more File values per item make wide item directories.
+
+    Stored bytes are shared (one small CSV, PDF and MetaImage for every item, under each
+    item's own keys) so 100,000 items build in seconds and fit in memory.
+    """
+    report = pdf_report("Scale report")
+    table = _csv([("case", "score"), (1, 0.5)])
+    volume = mha_ct(9, (8, 8, 4))
+    items = []
+    for index in range(size):
+        values = [
+            b.value("results-json-file", {"case": index}),
+            b.file("predictions-csv-file", table),
+            b.file("report", report),
+            b.image("ct", f"case-{index:06d}.mha", [("{pk}.mha", "MHD", volume)], _CT_META),
+        ]
+        values += [b.file(wide_socket(n), table) for n in range(wide)]
+        items.append(Item(uid("item", slug, index), sort_civs(values)))
+    return Archive(
+        uid("archive", slug),
+        slug,
+        f"Scale test ({size:,} items)",
+        "Generated for the scale tests and benchmark.",
+        public=public,
+        items=items,
+    )
+
+
 # --------------------------------------------------------------------------- the data set
 
 
@@ -733,6 +771,7 @@ class SampleData:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.version = 0  # moves whenever an archive or item is added
         self._builder = _Builder()
         b = self._builder
         self.archives: tuple[Archive, ...] = (
@@ -790,10 +829,23 @@ class SampleData:
             objects = self._builder.objects
             return None if archive is None else (archive, objects[key])
 
+    def add_archive(self, archive: Archive) -> None:
+        """Serve one more archive (built with `self.builder`), e.g. a `scale_archive`."""
+        with self._lock:
+            self.version += 1
+            self.archives = (*self.archives, archive)
+            for item in archive.items:
+                self._index(archive, item)
+
+    @property
+    def builder(self) -> _Builder:
+        return self._builder
+
     def add_item(self, slug: str) -> str:
         """Append a new light item (like `demo-cohort`'s) to an archive; returns its pk."""
         archive = self.archive(slug)
         with self._lock:
+            self.version += 1
             item = cohort_item(self._builder, f"{slug}/added", len(archive.items))
             archive.items.append(item)
             self._index(archive, item)

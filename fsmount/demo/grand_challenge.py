@@ -114,9 +114,10 @@ class GrandChallengeFake(FakeService):
     One `log` records both servers; storage requests have the kind "storage". Knobs are plain
     attributes, read on every request, so setting them from a test thread takes effect at once:
     `url_expiry` (seconds a new signed storage URL stays valid), `unstable_order` (item
-    pages overlap and reorder, see `_unstable_pick`) and `storage_hold` (seconds each storage
+    pages overlap and reorder, see `_unstable_pick`), `storage_hold` (seconds each storage
     request is held, in flight, before it is answered: overlapping requests then show in
-    `log.peak_in_flight("storage")`). `api_faults` and `storage_faults` (`FaultInjector`) make
+    `log.peak_in_flight("storage")`) and `api_hold` (the same for API and `/media/` requests,
+    to play a distant server). `api_faults` and `storage_faults` (`FaultInjector`) make
     either server misbehave. Item records handed out by listings count as `log.records("items")`.
     """
 
@@ -127,6 +128,8 @@ class GrandChallengeFake(FakeService):
         self.url_expiry = DEFAULT_URL_EXPIRY
         self.unstable_order = False
         self.storage_hold = 0.0
+        self.api_hold = 0.0
+        self._images_by_name: tuple[tuple[tuple[str, ...], int], list[Image]] | None = None
         self.ca_file: Path | None = tls.ca_file if tls else None
         self._signer = UrlSigner(hashlib.sha256(DEMO_TOKEN.encode()).digest(), key_pair_id)
         self._list_requests = 0
@@ -336,6 +339,43 @@ class GrandChallengeFake(FakeService):
             return _not_found("ArchiveItem")
         return json_response(self._item_json(call, *found))
 
+    def _images(self, call: _Call) -> Response:
+        """ImageViewSet's list: images the user may see, `?archive=<pk>` (django-filter's
+        ModelMultipleChoiceFilter over the images used by the archive's items), ordered by
+        `name` (Image.Meta), which is not unique: pages of equal names may move, as items do."""
+        wanted = call.request.query_params.getlist("archive")
+        archives = [a for a in self.data.archives if self._visible(call, a)]
+        if wanted:
+            known = {a.pk for a in self.data.archives}
+            for pk in wanted:
+                if not _UUID.fullmatch(pk):
+                    return json_response(
+                        {"archive": [f"\u201c{pk}\u201d is not a valid value."]}, 400
+                    )
+                if pk not in known:
+                    choice = f"Select a valid choice. {pk} is not one of the available choices."
+                    return json_response({"archive": [choice]}, 400)
+            archives = [a for a in archives if a.pk in wanted]
+        rows = self._image_rows(archives)
+        pick = self._unstable_pick if self.unstable_order else None
+        return self._page(call, rows, lambda image: self._image_json(call, image), pick)
+
+    def _image_rows(self, archives: list[Archive]) -> list[Image]:
+        """The images of `archives` by name; kept while the data set is unchanged, so paging
+        through 100,000 images does not gather them again for every page."""
+        key = (tuple(a.pk for a in archives), self.data.version)
+        cached = self._images_by_name
+        if cached is None or cached[0] != key:
+            images = {
+                civ.image.pk: civ.image
+                for archive in archives
+                for item in self.data.items(archive)
+                for civ in item.values
+                if civ.image is not None
+            }
+            cached = self._images_by_name = (key, sorted(images.values(), key=lambda i: i.name))
+        return cached[1]
+
     def _image(self, call: _Call) -> Response:
         if call.pk is None or not _UUID.fullmatch(call.pk):
             return _not_found(None)
@@ -379,7 +419,8 @@ class GrandChallengeFake(FakeService):
         (re.compile(r"archives/items/"), "items", _items),
         (re.compile(r"archives/items/(?P<pk>[^/.]+)/"), "item", _item),
         (re.compile(r"archives/(?P<pk>[^/.]+)/"), "archive", _archive),
-        (re.compile(r"cases/images/(?P<pk>[^/.]+)/"), "images", _image),
+        (re.compile(r"cases/images/"), "images", _images),
+        (re.compile(r"cases/images/(?P<pk>[^/.]+)/"), "image", _image),
         (re.compile(r"components/interfaces/(?:(?P<pk>[^/.]+)/)?"), "interfaces", _interfaces),
     )
 
@@ -414,6 +455,8 @@ class GrandChallengeFake(FakeService):
 
     async def _api_app(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
+        if self.api_hold:
+            await trio.sleep(self.api_hold)
         kind, response = self._dispatch(request)
         self.log.record(kind, request)
         await _without_body_for_head(request, response)(scope, receive, send)

@@ -1,51 +1,151 @@
 """Grand Challenge archives as tree nodes: archives -> items -> socket values -> Blobs.
 
 Layout and names follow product.md, which follows the official client's "download archive
-items" recipe except where that recipe is lossy. What never changes (image details) is kept in
-the metadata store, so a remount lists without one request per image.
+items" recipe except where that recipe is lossy.
+
+Walking names costs listing pages only: an archive's items come from its items listing, and
+the details of its images from one images listing filtered by archive (the API's
+`cases/images/?archive=<pk>`), never one request per item or image. After the first page the
+rest of a listing is fetched a few pages at once. Each record is cut down to what the tree
+needs as soon as its page arrives (`_Item`, `_Value`, `_Image`), so a 100,000-item archive
+costs tens of megabytes, not the raw JSON of every page; an item's directory tree is built
+from its record when first listed. A path under an item of an archive that was never listed
+costs that one item's request (and its images'), not the whole listing.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
-from collections.abc import Callable
-from typing import Any
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import trio
+from cachetools import LRUCache
 
 from fsmount.blob import InlineBlob, RemoteBlob, SignedUrl
-from fsmount.cache.metadata import MetadataStore
 from fsmount.errors import FetchError, StartupError
 from fsmount.transfer import ApiClient, redact, url_expiry
-from fsmount.tree import Directory, File, Node, PathBuilder, TreeContext, safe_name
+from fsmount.tree import (
+    Directory,
+    File,
+    Listing,
+    Node,
+    PathBuilder,
+    TreeContext,
+    safe_name,
+)
 
 log = logging.getLogger(__name__)
 
 PAGE = 1000  # the API's maximum page size: fewest requests
+PAGES_AT_ONCE = 4  # listing pages in flight after the first (which tells the count)
+IMAGES_AT_ONCE = 8  # images fetched alone (added since the listing) in flight
+SINGLES_BEFORE_LISTING = 64  # items looked up alone before the whole listing is cheaper
+SINGLES_KEPT = 4096
 IMAGE_SUFFIXES = frozenset({"mha", "tif", "tiff"})
 LEGACY_SUFFIXES = frozenset({"mhd", "zraw", "raw"})
 ROOT = "grand-challenge"
 STARTUP_DEADLINE = 10.0  # seconds: a mount that cannot work must say so quickly
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+R = TypeVar("R")
+
+
+# --------------------------------------------------------------------------- compact records
+
+
+class _Socket:
+    """What the tree needs of a socket; one object per distinct socket, shared by values."""
+
+    __slots__ = ("kind", "relative_path", "slug", "super_kind")
+
+    def __init__(self, slug: str, kind: str, super_kind: str, relative_path: str) -> None:
+        self.slug = slug
+        self.kind = kind
+        self.super_kind = super_kind
+        self.relative_path = relative_path
+
+
+class _Value:
+    """One socket value: `data` (a Value's JSON, rendered), `file` (a File's /media/ URL) or
+    `image` (an Image's pk)."""
+
+    __slots__ = ("data", "file", "image", "pk", "socket")
+
+    def __init__(
+        self,
+        socket: _Socket,
+        pk: object,
+        *,
+        data: bytes | None = None,
+        file: str | None = None,
+        image: str | None = None,
+    ) -> None:
+        self.socket = socket
+        self.pk = pk
+        self.data = data
+        self.file = file
+        self.image = image
+
+    def described(self) -> str:
+        return f"socket {self.socket.slug!r} (value {self.pk})"
+
+
+class _Item:
+    __slots__ = ("pk", "values")
+
+    def __init__(self, pk: str, values: tuple[_Value, ...]) -> None:
+        self.pk = pk
+        self.values = values
+
+
+class _Image:
+    """An image's stored files: (file pk, /media/ URL, image_type) each."""
+
+    __slots__ = ("files", "pk")
+
+    def __init__(self, pk: str, files: tuple[tuple[str, str, str | None], ...]) -> None:
+        self.pk = pk
+        self.files = files
+
+
+def _image_record(image: Mapping[str, Any]) -> tuple[str, _Image] | None:
+    try:
+        pk = str(image["pk"])
+        files = tuple(
+            (str(f["pk"]), f["file"], f.get("image_type"))
+            for f in image.get("files") or []
+            if isinstance(f, dict) and isinstance(f.get("file"), str)
+        )
+    except (KeyError, TypeError, AttributeError):
+        log.warning("skipping a malformed image record: %.200r", image)
+        return None
+    return pk, _Image(pk, files)
+
+
+def _image_pk(url: str) -> str:
+    """The pk in a value's image hyperlink (`.../cases/images/<pk>/`)."""
+    return urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
+
+
+# --------------------------------------------------------------------------- the source
 
 
 class GrandChallenge:
     """One Grand Challenge API, shown as `grand-challenge/<archive-slug>/<item-pk>/...`."""
 
     def __init__(
-        self,
-        api: ApiClient,
-        ctx: TreeContext,
-        metadata: MetadataStore,
-        *,
-        archives: list[str] | None = None,
+        self, api: ApiClient, ctx: TreeContext, *, archives: list[str] | None = None
     ) -> None:
         self._api = api
         self._ctx = ctx
-        self._metadata = metadata
         self._only = archives or []
-        self._image_limit = trio.CapacityLimiter(8)
+        self._image_limit = trio.CapacityLimiter(IMAGES_AT_ONCE)
+        self._sockets: dict[tuple[str, str, str, str], _Socket] = {}
 
     async def check(self) -> None:
         """Fail before mounting on a bad token, an unreachable API or an unknown archive."""
@@ -66,198 +166,394 @@ class GrandChallenge:
     def directory(self) -> Directory:
         return Directory(
             ROOT,
-            ROOT,
             self._ctx,
             loader=self._load_archives,
             xattrs={"source": "grand-challenge", "api": redact(self._api.base_url)},
         )
 
-    async def _paged(self, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        """Every record of a listing, de-duplicated by pk (item pages have no stable order).
+    # ----------------------------------------------------------------- listings
 
-        When fewer distinct records than `count` arrived (the order moved between pages), the
-        listing is read again, at most twice, to pick up what was skipped.
+    async def listing(
+        self, path: str, params: dict[str, Any], keep: Callable[[Any], tuple[str, R] | None]
+    ) -> dict[str, R]:
+        """Every record of a listing, cut down by `keep` as its page arrives, by pk.
+
+        Pages after the first (which tells the count) are asked a few at once. Records are
+        de-duplicated by pk: item pages have no stable order, so a record can show on two
+        pages while another shows on none; when fewer distinct records than `count` arrived,
+        the listing is read again, at most twice, to pick up what was skipped.
         """
-        records: dict[str, dict[str, Any]] = {}
+        records: dict[str, R] = {}
+        limit = trio.CapacityLimiter(PAGES_AT_ONCE)
+
+        async def page_at(offset: int) -> int:
+            async with limit:
+                page = await self._api.get_json(path, {**params, "limit": PAGE, "offset": offset})
+            for record in page.get("results") or []:
+                kept = keep(record) if isinstance(record, dict) else None
+                if kept is not None:
+                    records.setdefault(kept[0], kept[1])
+            return int(page.get("count", 0))
+
         count = 0
         for _ in range(3):
-            offset = 0
-            while True:
-                page = await self._api.get_json(path, {**params, "limit": PAGE, "offset": offset})
-                count = int(page.get("count", 0))
-                for record in page.get("results", []):
-                    if isinstance(record, dict) and "pk" in record:
-                        records.setdefault(str(record["pk"]), record)
-                offset += PAGE
-                if offset >= count or not page.get("results") or not page.get("next"):
-                    break
+            count = await page_at(0)
+            async with trio.open_nursery() as nursery:
+                for offset in range(PAGE, count, PAGE):
+                    nursery.start_soon(page_at, offset)
             if len(records) >= count:
                 break
-            log.info(
-                "%s: %d of %d records seen; reading the listing again", path, len(records), count
-            )
-        return list(records.values())
+            log.info("%s: %d of %d records seen; reading it again", path, len(records), count)
+        return records
 
     async def _load_archives(self, parent: Directory) -> list[Node]:
-        if self._only:
-            archives = []
-            for slug in self._only:
-                archives += await self._paged("archives/", {"slug": slug})
-        else:
-            archives = await self._paged("archives/", {})
+        def keep(archive: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+            return (str(archive["pk"]), archive) if "pk" in archive else None
+
+        archives: dict[str, dict[str, Any]] = {}
+        for slug in self._only or [None]:
+            params = {"slug": slug} if slug else {}
+            archives.update(await self.listing("archives/", params, keep))
         nodes: list[Node] = []
-        for archive in archives:
+        for pk, archive in archives.items():
             try:
-                pk = str(archive["pk"])
                 slug = urlsplit(archive["url"]).path.rstrip("/").rsplit("/", 1)[-1]
             except (KeyError, TypeError, AttributeError):
                 log.warning("skipping a malformed archive record: %.200r", archive)
                 continue
             name = safe_name(slug, pk)
-            nodes.append(
-                Directory(
-                    name,
-                    parent.child_path(name),
-                    self._ctx,
-                    loader=self._items_loader(pk, name),
-                    xattrs={"archive": name, "archive-pk": pk, "title": archive.get("title", "")},
-                )
-            )
+            xattrs = {"archive": name, "archive-pk": pk, "title": str(archive.get("title", ""))}
+            nodes.append(ArchiveDirectory(name, self, pk, xattrs))
         return nodes
 
-    def _items_loader(self, archive_pk: str, slug: str) -> Callable[[Directory], Any]:
-        async def load(parent: Directory) -> list[Node]:
-            items = await self._paged("archives/items/", {"archive": archive_pk})
-            nodes: list[Node] = []
-            for item in items:
-                pk = str(item["pk"])
-                nodes.append(
-                    Directory(
-                        pk,
-                        parent.child_path(pk),
-                        self._ctx,
-                        loader=self._item_loader(item, slug),
-                        xattrs={"archive": slug, "item": pk},
-                    )
-                )
-            return nodes
+    # ----------------------------------------------------------------- records
 
-        return load
-
-    def _item_loader(self, item: dict[str, Any], slug: str) -> Callable[[Directory], Any]:
-        async def load(parent: Directory) -> list[Node]:
-            values = [v for v in item.get("values") or [] if isinstance(v, dict)]
-            images: dict[str, dict[str, Any]] = {}
-
-            async def fetch_image(url: str) -> None:
-                async with self._image_limit:
-                    images[url] = await self._image(url)
-
-            async with trio.open_nursery() as nursery:
-                for value in values:
-                    if isinstance(value.get("image"), str) and value["image"] not in images:
-                        images[value["image"]] = {}
-                        nursery.start_soon(fetch_image, value["image"])
-
-            builder = PathBuilder(parent, self._ctx)
-            for value in values:
-                try:
-                    self._place(builder, value, images, slug, str(item["pk"]))
-                except (KeyError, TypeError, ValueError, AttributeError):
-                    log.warning("%s: skipping a malformed value: %.200r", parent.path, value)
-            return builder.nodes()
-
-        return load
-
-    async def _image(self, url: str) -> dict[str, Any]:
-        """Image details, which never change: from the metadata store when seen before."""
-        key = f"gc:image:{url}"
-        known = self._metadata.get(key)
-        if known:
-            return known
-        image = await self._api.get_json(url)
-        slim = {"pk": image["pk"], "files": image.get("files") or []}
-        self._metadata.put(key, slim)
-        return slim
-
-    def _place(
-        self,
-        builder: PathBuilder,
-        value: dict[str, Any],
-        images: dict[str, dict[str, Any]],
-        slug: str,
-        item_pk: str,
-    ) -> None:
-        socket = value.get("interface") or value.get("socket")
-        if not isinstance(socket, dict):
-            raise ValueError("no socket")
-        super_kind = str(socket.get("super_kind", "")).casefold()
-        relative_path = socket["relative_path"]
-        if not isinstance(relative_path, str):
-            raise ValueError("relative_path is not a string")
-        xattrs = {
-            "archive": slug,
-            "item": item_pk,
-            "socket": str(socket.get("slug", "")),
-            "kind": str(socket.get("kind", "")),
-            "super-kind": str(socket.get("super_kind", "")),
-        }
-        what = f"socket {socket.get('slug')!r} (value {value.get('pk')})"
-        if super_kind == "value":
-            data = json.dumps(value.get("value"), indent=2).encode()
-            builder.add_file(
-                relative_path,
-                lambda name, path: File(name, path, blob=InlineBlob(data), xattrs=xattrs),
-                what,
-            )
-        elif super_kind == "file":
-            blob = self._blob(
-                f"gc:civ:{value['pk']}", value["file"], f"{slug}/{item_pk}/{relative_path}"
-            )
-            builder.add_file(
-                relative_path, lambda name, path: File(name, path, blob=blob, xattrs=xattrs), what
-            )
-        elif super_kind == "image":
-            image = images.get(value["image"]) or {}
-            files = self._image_files(image, slug, item_pk, relative_path, xattrs)
-            if files:
-                builder.add_files_in(relative_path, files, what)
-        else:
-            log.warning("%s/%s: skipping %s: unknown super_kind", slug, item_pk, what)
-
-    def _image_files(
-        self,
-        image: dict[str, Any],
-        slug: str,
-        item_pk: str,
-        relative_path: str,
-        xattrs: dict[str, str],
-    ) -> list[tuple[str, Callable[[str, str], Node]]]:
-        """`<image-pk>.<ext>` per stored file; DZI hidden; legacy MHD pairs keep stored names."""
-        files: list[tuple[str, Callable[[str, str], Node]]] = []
-        for image_file in image.get("files", []):
-            url = image_file.get("file")
-            if not isinstance(url, str) or image_file.get("image_type") == "DZI":
-                continue
-            stored = urlsplit(url).path.rsplit("/", 1)[-1]
-            suffix = stored.rsplit(".", 1)[-1].lower() if "." in stored else ""
-            if suffix in IMAGE_SUFFIXES:
-                name = safe_name(f"{image['pk']}.{suffix}", f"{image_file['pk']}.{suffix}")
-            elif suffix in LEGACY_SUFFIXES:
-                name = safe_name(stored, f"{image['pk']}.{suffix}")
+    def item_record(self, item: Mapping[str, Any]) -> tuple[str, _Item] | None:
+        """An item cut down to its values; a malformed value is logged and left out."""
+        try:
+            pk = str(item["pk"])
+            raw_values = item.get("values") or []
+        except (KeyError, TypeError, AttributeError):
+            log.warning("skipping a malformed archive item: %.200r", item)
+            return None
+        values: list[_Value] = []
+        for raw in raw_values:
+            value = self._value(raw) if isinstance(raw, dict) else None
+            if value is None:
+                log.warning("item %s: skipping a malformed value: %.200r", pk, raw)
             else:
-                continue
-            described = "/".join(p for p in (slug, item_pk, relative_path, name) if p)
-            blob = self._blob(f"gc:imagefile:{image_file['pk']}", url, described)
-            attrs = {**xattrs, "image": str(image["pk"])}
-            files.append(
-                (name, lambda n, p, b=blob, a=attrs: File(n, p, blob=b, xattrs=a))  # type: ignore[misc]
-            )
-        return files
+                values.append(value)
+        return pk, _Item(pk, tuple(values))
 
-    def _blob(self, key: str, media_url: str, described: str) -> RemoteBlob:
+    def _value(self, raw: Mapping[str, Any]) -> _Value | None:
+        socket = raw.get("interface") or raw.get("socket")
+        if not isinstance(socket, dict) or not isinstance(socket.get("relative_path"), str):
+            return None
+        fields = (
+            str(socket.get("slug", "")),
+            str(socket.get("kind", "")),
+            str(socket.get("super_kind", "")),
+            socket["relative_path"],
+        )
+        shared = self._sockets.get(fields)
+        if shared is None:
+            shared = self._sockets[fields] = _Socket(*fields)
+        pk = raw.get("pk")
+        super_kind = shared.super_kind.casefold()
+        if super_kind == "value":
+            return _Value(shared, pk, data=json.dumps(raw.get("value"), indent=2).encode())
+        if super_kind == "file" and isinstance(raw.get("file"), str):
+            return _Value(shared, pk, file=raw["file"])
+        if super_kind == "image" and isinstance(raw.get("image"), str):
+            return _Value(shared, pk, image=_image_pk(raw["image"]))
+        if super_kind in ("value", "file", "image"):
+            return None
+        return _Value(shared, pk)  # an unknown kind: left out (and said) when listed
+
+    async def item_alone(self, pk: str, archive_pk: str) -> _Item | None:
+        """One item by pk, if it is in that archive (a path opened before any listing)."""
+        try:
+            item = await self._api.get_json(f"archives/items/{pk}/")
+        except FetchError as exc:
+            if exc.errno == errno.ENOENT:  # no such item, or not one this token can see
+                return None
+            raise
+        archive = str(item.get("archive", "")) if isinstance(item, dict) else ""
+        if _image_pk(archive) != archive_pk:
+            return None
+        kept = self.item_record(item)
+        return kept[1] if kept else None
+
+    async def images_of(self, archive_pk: str) -> dict[str, _Image]:
+        return await self.listing("cases/images/", {"archive": archive_pk}, _image_record)
+
+    async def image_alone(self, pk: str) -> _Image | None:
+        async with self._image_limit:
+            try:
+                image = await self._api.get_json(f"cases/images/{pk}/")
+            except FetchError as exc:
+                log.warning("image %s: %s", pk, exc)
+                return None
+        kept = _image_record(image) if isinstance(image, dict) else None
+        return kept[1] if kept else None
+
+    def blob(self, key: str, media_url: str, described: str) -> RemoteBlob:
+        """Bytes behind a `/media/` URL, which redirects to a signed storage URL."""
+
         async def resolve() -> SignedUrl:
             target = await self._api.redirect_target(media_url)
             return SignedUrl(target, url_expiry(target))
 
         return RemoteBlob(key=key, resolve=resolve, description=f"grand-challenge {described}")
+
+
+# --------------------------------------------------------------------------- the tree
+
+
+class ArchiveDirectory(Directory):
+    """An archive: its items, listed whole on first use, or looked up one by one before."""
+
+    __slots__ = ("_images", "_images_loading", "_pk", "_singles", "_singles_asked", "source")
+
+    def __init__(
+        self, name: str, source: GrandChallenge, pk: str, xattrs: Mapping[str, str]
+    ) -> None:
+        super().__init__(name, source._ctx, loader=_list_archive, xattrs=xattrs)
+        self.source = source
+        self._pk = pk
+        self._images: dict[str, _Image] = {}
+        self._images_loading: trio.Event | None = None
+        self._singles: LRUCache[str, ItemDirectory] = LRUCache(maxsize=SINGLES_KEPT)
+        self._singles_asked = 0
+
+    async def child(self, name: str) -> Node | None:
+        if self.cached() is not None:
+            self._singles.clear()  # the listing's nodes stand for them now
+            return await super().child(name)
+        if not _UUID.fullmatch(name):
+            return None  # item directories are named by their pks
+        # Never listed: a script opening `ARCHIVE/<item-pk>/...` from a CSV costs that item.
+        single = self._singles.get(name)
+        if single is None:
+            record = await self.source.item_alone(name, self._pk)
+            if record is None:
+                return None
+            single = self._singles[name] = ItemDirectory(record, self)
+            single.parent = self
+            single.mtime = self._ctx.first_seen_many([single.path])[single.path]
+            self._singles_asked += 1
+            if self._singles_asked == SINGLES_BEFORE_LISTING:
+                trio.lowlevel.spawn_system_task(self._list_behind)
+        return single
+
+    async def _list_behind(self) -> None:
+        """Many items were opened one by one: the listing is now cheaper than going on."""
+        try:
+            await self.children()
+        except Exception as exc:
+            log.warning("%s: listing in the background failed: %s", self.path, exc)
+
+    def _previous(self, name: str) -> Node | None:
+        return super()._previous(name) or self._singles.get(name)
+
+    async def image(self, pk: str, listed: bool) -> _Image | None:
+        """An image's details: from the archive's images listing (fetched once, when an item
+        of a listed archive first needs one), or alone when the listing lacks it."""
+        image = self._images.get(pk)
+        if image is None and listed:
+            await self._load_images()
+            image = self._images.get(pk)
+        if image is None:
+            image = await self.source.image_alone(pk)
+            if image is not None:
+                self._images[pk] = image
+        return image
+
+    async def _load_images(self) -> None:
+        if self._images_loading is not None:
+            await self._images_loading.wait()
+            return
+        self._images_loading = loading = trio.Event()
+        try:
+            self._images.update(await self.source.images_of(self._pk))
+        except BaseException:
+            self._images_loading = None  # the next item to need an image asks again
+            raise
+        finally:
+            loading.set()
+
+    def forget_images(self) -> None:
+        """A new listing of the archive: image details are asked again with it when needed."""
+        if self._images_loading is None or self._images_loading.is_set():
+            self._images = {}
+            self._images_loading = None
+
+
+async def _list_archive(directory: Directory) -> Sequence[Node]:
+    assert isinstance(directory, ArchiveDirectory)
+    records = await directory.source.listing(
+        "archives/items/", {"archive": directory._pk}, directory.source.item_record
+    )
+    directory.forget_images()
+    return [ItemDirectory(record, directory) for record in records.values()]
+
+
+class ItemDirectory(Directory):
+    """One archive item; its tree is built from its record when first listed, and then kept
+    (it only changes with a new listing of the archive, which brings new item nodes)."""
+
+    __slots__ = ("archive", "record")
+
+    def __init__(self, record: _Item, archive: ArchiveDirectory) -> None:
+        super().__init__(record.pk, archive.source._ctx, loader=_list_item)
+        self.record = record
+        self.archive = archive
+
+    def xattrs(self) -> Mapping[str, str]:
+        return {"archive": self.archive.name, "item": self.record.pk}
+
+    def _fresh(self) -> bool:
+        return self.cached() is not None
+
+    def without_io(self) -> Listing | None:
+        listing = self.cached()
+        if listing is None and all(
+            v.image is None or v.image in self.archive._images for v in self.record.values
+        ):
+            listing = self._install(self._layout(self.archive._images))
+        return listing
+
+    def _layout(self, images: Mapping[str, _Image]) -> list[Node]:
+        builder = PathBuilder(self)
+        for value in self.record.values:
+            socket = value.socket
+            super_kind = socket.super_kind.casefold()
+            what = value.described()
+            if super_kind == "value":
+                builder.add_file(
+                    socket.relative_path, lambda n, v=value: ValueFile(n, self, v), what
+                )
+            elif super_kind == "file":
+                builder.add_file(
+                    socket.relative_path, lambda n, v=value: StoredFile(n, self, v), what
+                )
+            elif super_kind == "image":
+                image = images.get(value.image or "")
+                if image is None:
+                    log.warning("%s: skipping %s: its image is unknown", self.path, what)
+                    continue
+                files = _image_files(self, value, image)
+                if files:
+                    builder.add_files_in(socket.relative_path, files, what)
+            else:
+                log.warning("%s: skipping %s: unknown super_kind", self.path, what)
+        return builder.nodes()
+
+
+async def _list_item(directory: Directory) -> Sequence[Node]:
+    assert isinstance(directory, ItemDirectory)
+    archive = directory.archive
+    listed = archive.cached() is not None
+    images: dict[str, _Image] = {}
+
+    async def fetch(pk: str) -> None:
+        image = await archive.image(pk, listed)
+        if image is not None:
+            images[pk] = image
+
+    async with trio.open_nursery() as nursery:
+        for pk in {v.image for v in directory.record.values if v.image is not None}:
+            nursery.start_soon(fetch, pk)
+    return directory._layout(images)
+
+
+def _image_files(item: ItemDirectory, value: _Value, image: _Image) -> list[tuple[str, Any]]:
+    """`<image-pk>.<ext>` per stored file; DZI hidden; legacy MHD pairs keep stored names."""
+    files: list[tuple[str, Any]] = []
+    for image_file in image.files:
+        file_pk, url, image_type = image_file
+        if image_type == "DZI":
+            continue
+        stored = urlsplit(url).path.rsplit("/", 1)[-1]
+        suffix = stored.rsplit(".", 1)[-1].lower() if "." in stored else ""
+        if suffix in IMAGE_SUFFIXES:
+            name = safe_name(f"{image.pk}.{suffix}", f"{file_pk}.{suffix}")
+        elif suffix in LEGACY_SUFFIXES:
+            name = safe_name(stored, f"{image.pk}.{suffix}")
+        else:
+            continue
+        files.append((name, lambda n, f=image_file: ImageFile(n, item, value, image.pk, f)))
+    return files
+
+
+class _ValueNode(File):
+    """A file of one item value: its blob and attributes come from the item's record."""
+
+    __slots__ = ("item", "value")
+
+    def __init__(self, name: str, item: ItemDirectory, value: _Value) -> None:
+        super().__init__(name, mtime=item.mtime)
+        self.item = item
+        self.value = value
+
+    def xattrs(self) -> Mapping[str, str]:
+        socket = self.value.socket
+        return {
+            **self.item.xattrs(),
+            "socket": socket.slug,
+            "kind": socket.kind,
+            "super-kind": socket.super_kind,
+        }
+
+    def _described(self, name: str) -> str:
+        relative = self.value.socket.relative_path
+        return "/".join(p for p in (self.item.archive.name, self.item.name, relative, name) if p)
+
+
+class ValueFile(_ValueNode):
+    """A Value socket: `json.dumps(value, indent=2)`, served from memory."""
+
+    __slots__ = ()
+
+    @property
+    def blob(self) -> InlineBlob:
+        return InlineBlob(self.value.data or b"")
+
+
+class StoredFile(_ValueNode):
+    """A File socket: the stored bytes behind its `/media/` URL."""
+
+    __slots__ = ()
+
+    @property
+    def blob(self) -> RemoteBlob:
+        value = self.value
+        source = self.item.archive.source
+        return source.blob(f"gc:civ:{value.pk}", value.file or "", self._described(""))
+
+
+class ImageFile(_ValueNode):
+    """One stored file of an Image socket's image."""
+
+    __slots__ = ("image", "stored")
+
+    def __init__(
+        self,
+        name: str,
+        item: ItemDirectory,
+        value: _Value,
+        image: str,
+        stored: tuple[str, str, str | None],
+    ) -> None:
+        super().__init__(name, item, value)
+        self.image = image
+        self.stored = stored
+
+    def xattrs(self) -> Mapping[str, str]:
+        return {**super().xattrs(), "image": self.image}
+
+    @property
+    def blob(self) -> RemoteBlob:
+        file_pk, url, _ = self.stored
+        source = self.item.archive.source
+        return source.blob(f"gc:imagefile:{file_pk}", url, self._described(self.name))

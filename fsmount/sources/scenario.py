@@ -100,16 +100,14 @@ class Scenario:
             xattrs["project"] = self._project
 
         def sub(name: str, loader: Callable[[Directory], Any]) -> Directory:
-            return Directory(
-                name, f"{ROOT}/{name}", self._ctx, loader=loader, xattrs={**xattrs, "listing": name}
-            )
+            return Directory(name, self._ctx, loader=loader, xattrs={**xattrs, "listing": name})
 
         children = [
             sub("assets", self._load_assets),
             sub("collections", self._load_collections),
             sub("models", self._load_models),
         ]
-        return Directory(ROOT, ROOT, self._ctx, children=children, xattrs=xattrs)
+        return Directory(ROOT, self._ctx, children=children, xattrs=xattrs)
 
     async def _paged(self, path: str, envelope: str, **params: Any) -> list[dict[str, Any]]:
         """Every record of a token-paginated listing (stops on a missing token or empty page)."""
@@ -150,7 +148,6 @@ class Scenario:
         return [
             Directory(
                 name,
-                parent.child_path(name),
                 self._ctx,
                 loader=self._collection_loader(c["id"]),
                 xattrs={"collection": c["id"]},
@@ -182,11 +179,8 @@ class Scenario:
         nodes: list[Node] = []
         for name, model_id in zip(unique_names(pairs), model_ids, strict=True):
             own = [a for a in assets if _model_id(a) == model_id]
-            path = parent.child_path(name)
-            children = self._files(path, own)
-            nodes.append(
-                Directory(name, path, self._ctx, children=children, xattrs={"model": model_id})
-            )
+            children = self._files(f"{parent.path}/{name}", own)
+            nodes.append(Directory(name, self._ctx, children=children, xattrs={"model": model_id}))
         return nodes
 
     def _files(self, directory: str, assets: list[dict[str, Any]]) -> list[Node]:
@@ -229,8 +223,9 @@ class Scenario:
                 mtime=mtime,
                 version=f"{updated}:{target or 'native'}",
                 xattrs={**xattrs, "format": ext},
+                costly_probe=target is not None,  # the CDN converts on the first request
             )
-            nodes.append(File(name, f"{directory}/{name}", mtime=mtime, blob=blob))
+            nodes.append(File(name, blob, mtime=mtime))
         return nodes
 
     def _resolver(self, asset_id: str, target: str | None) -> Callable[[], Any]:

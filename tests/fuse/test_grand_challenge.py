@@ -25,7 +25,7 @@ pytestmark = pytest.mark.fuse
 SMALL_ARCHIVES = ("demo-medical", "demo-edge-cases", "demo-empty", "demo-private")
 HUGE = "demo-large"
 COHORT = "demo-cohort"
-API_KINDS = ("archives", "archive", "items", "item", "images", "interfaces", "gcapi")
+API_KINDS = ("archives", "archive", "items", "item", "images", "image", "interfaces", "gcapi")
 LS_LR = ["ls", "-lR", "--time-style=+%s"]  # one field per time, whatever the locale
 # demo-edge-cases' first item: the sockets left out (hostile path, or a path an earlier value
 # holds) and those that must show, in the fake's value order (the first claim of a path wins).
@@ -217,7 +217,7 @@ def test_ls_lr_and_du_of_1050_items_cost_pages_not_requests_per_file(
     du = subprocess.run(["du", "-sb", str(root)], capture_output=True, text=True, check=True)
     counts = gc.log.counts()
     assert counts.get("items", 0) <= 3, counts  # 1,050 items: two pages of 1,000
-    assert counts.get("item", 0) == 0 and counts.get("images", 0) == 0, counts
+    assert counts.get("item", 0) == 0 and counts.get("image", 0) == 0, counts
     assert counts.get("storage", 0) <= len(expected), counts
 
     # A second look at the same mount makes no request at all.

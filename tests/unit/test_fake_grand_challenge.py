@@ -572,7 +572,7 @@ def test_requests_are_counted_per_kind_with_headers_recorded(
     assert gc.log.counts() == {
         "archives": 1,
         "items": 1,
-        "images": 1,
+        "image": 1,
         "media": 1,
         "storage": 1,
         "gcapi": 1,

@@ -15,8 +15,8 @@ from fsmount.tree import Directory, Node, TreeContext
 
 def make_ops(loader, deadline: float = 5.0) -> Operations:
     ctx = TreeContext(lambda keys: {k: 1.0 for k in keys})
-    child = Directory("broken", "broken", ctx, loader=loader)
-    root = Directory("", "", ctx, children=[child])
+    child = Directory("broken", ctx, loader=loader)
+    root = Directory("", ctx, children=[child])
     return Operations(root, content=None, request_deadline=deadline)  # type: ignore[arg-type]
 
 

@@ -14,10 +14,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fsmount.blob import InlineBlob
-from fsmount.sources.grand_challenge import GrandChallenge
+from fsmount.sources.grand_challenge import (
+    ArchiveDirectory,
+    GrandChallenge,
+    ItemDirectory,
+    _image_record,
+)
 from fsmount.tree import (
     Directory,
     File,
+    Listing,
     Node,
     PathBuilder,
     TreeContext,
@@ -32,7 +38,23 @@ def ctx() -> TreeContext:
 
 
 def file_at(data: bytes = b"x"):
-    return lambda name, path: File(name, path, blob=InlineBlob(data))
+    return lambda name: File(name, InlineBlob(data))
+
+
+def directory_at(path: str, context: TreeContext | None = None) -> Directory:
+    """An empty directory at `path` below a mount root (nodes know their place by parents)."""
+    context = context or ctx()
+    *parents, name = path.split("/")
+    node = Directory(name, context)
+    for parent in reversed(parents):
+        node = Directory(parent, context, children=[node])
+    root = Directory("", context, children=[node])
+    found: Directory = root
+    for part in path.split("/"):
+        child = found.cached().get(part)  # type: ignore[union-attr]
+        assert isinstance(child, Directory)
+        found = child
+    return found
 
 
 def walk(nodes: list[Node]) -> dict[str, Node]:
@@ -40,7 +62,7 @@ def walk(nodes: list[Node]) -> dict[str, Node]:
     for node in nodes:
         out[node.path] = node
         if isinstance(node, Directory):
-            out.update(walk(list(trio.run(node.children).values())))
+            out.update(walk(list(trio.run(node.children).nodes)))
     return out
 
 
@@ -66,8 +88,8 @@ def test_only_normal_relative_paths_are_accepted() -> None:
 
 
 def test_builder_places_nested_files_and_first_claim_wins(caplog) -> None:
-    base = Directory("item", "gc/a/item", ctx(), children=[])
-    builder = PathBuilder(base, ctx())
+    base = directory_at("gc/a/item")
+    builder = PathBuilder(base)
     caplog.set_level(logging.WARNING)
     assert builder.add_file("files/report.pdf", file_at(b"1"), "first")
     assert not builder.add_file("files/report.pdf", file_at(b"2"), "same path")
@@ -76,7 +98,7 @@ def test_builder_places_nested_files_and_first_claim_wins(caplog) -> None:
     assert builder.add_files_in("images/ct", [("1.mha", file_at())], "image")
     assert not builder.add_files_in("images/ct", [("2.mha", file_at())], "image again")
     assert builder.add_files_in("", [("3.mha", file_at())], "generic image")
-    tree = walk(builder.nodes())
+    tree = walk(base._install(builder.nodes()).nodes)
     assert set(tree) == {
         "gc/a/item/files",
         "gc/a/item/files/report.pdf",
@@ -110,16 +132,16 @@ def is_one_safe_component(name: str) -> bool:
 
 @contextlib.contextmanager
 def raw_listings() -> Iterator[list[tuple[str, list[str]]]]:
-    """Record the child lists every directory is built from, before `_index` drops clashes
-    (checking a dict's keys would hide duplicates)."""
+    """Record the child lists every directory is built from, before `_adopt` drops clashes
+    (checking a listing's names would hide duplicates)."""
     seen: list[tuple[str, list[str]]] = []
-    index = Directory._index
+    adopt = Directory._adopt
 
-    def recording(self: Directory, nodes: list[Node]) -> dict[str, Node]:
-        seen.append((self.path, [node.name for node in nodes]))
-        return index(self, nodes)
+    def recording(self: Directory, nodes: list[Node]) -> Listing:
+        seen.append((self, [node.name for node in nodes]))
+        return adopt(self, nodes)
 
-    with mock.patch.object(Directory, "_index", recording):
+    with mock.patch.object(Directory, "_adopt", recording):
         yield seen
 
 
@@ -131,7 +153,7 @@ def assert_inside(parent: str, nodes: list[Node]) -> None:
         resolved = posixpath.normpath(posixpath.join("/", parent, node.name))
         assert posixpath.dirname(resolved) == "/" + parent, (parent, node.name, resolved)
         if isinstance(node, Directory):
-            assert_inside(node.path, list(trio.run(node.children).values()))
+            assert_inside(node.path, list(trio.run(node.children).nodes))
 
 
 @given(
@@ -143,9 +165,9 @@ def assert_inside(parent: str, nodes: list[Node]) -> None:
 )
 def test_no_path_ever_leaves_its_directory_and_names_are_unique(values) -> None:
     """Values at arbitrary `relative_path`s (files, or image directories holding files)."""
+    base = directory_at("root/item")
     with raw_listings() as listings:
-        base = Directory("item", "root/item", ctx(), children=[])
-        builder = PathBuilder(base, ctx())
+        builder = PathBuilder(base)
         placed: list[str] = []
         for index, (is_image, path, names) in enumerate(values):
             if is_image:  # file names in it come from the source, made safe as sources must
@@ -155,10 +177,9 @@ def test_no_path_ever_leaves_its_directory_and_names_are_unique(values) -> None:
                     placed += [f"{path}/{name}" if path else name for name, _ in files]
             elif builder.add_file(path, file_at(), f"value {index}"):
                 placed.append(path)
-        nodes = builder.nodes()
+        nodes = list(base._install(builder.nodes()).nodes)
         assert_inside("root/item", nodes)
         tree = walk(nodes)
-    listings.append(("root/item", [node.name for node in nodes]))
     for path, names in listings:
         assert len(names) == len(set(names)), (path, names)
     # What was accepted is where it was asked to be; nothing else is there.
@@ -187,10 +208,12 @@ def test_directory_names_from_services_are_safe_and_distinct(entries) -> None:
     if len(set(idents)) == len(idents):  # the services' ids are unique
         assert len(set(names)) == len(names), names
         with raw_listings() as listings:
-            parent = Directory("collections", "scenario/collections", ctx(), children=[])
-            children = [File(name, parent.child_path(name)) for name in names]
-            Directory("collections", "scenario/collections", ctx(), children=children)
+            parent = directory_at("scenario/collections")
+            parent._install([File(name) for name in names])
         assert all(len(set(listed)) == len(listed) for _, listed in listings)
+        assert {n.path for n in parent.cached().nodes} == {  # type: ignore[union-attr]
+            f"scenario/collections/{name}" for name in names
+        }
 
 
 @given(
@@ -204,30 +227,37 @@ def test_grand_challenge_values_at_any_path_stay_inside_their_item(values) -> No
     """What the API sends (relative paths, image pks, stored file names) through the source's
     own placement: nothing outside the item, no two entries with one name."""
     context = ctx()
-    source = GrandChallenge(api=None, ctx=context, metadata=None)  # type: ignore[arg-type]
-    with raw_listings() as listings:
-        item = Directory("item", "grand-challenge/a/item", context, children=[])
-        builder = PathBuilder(item, context)
-        images: dict[str, dict] = {}
-        for index, (kind, path, image_pk, stored) in enumerate(values):
-            value = {
+    source = GrandChallenge(api=None, ctx=context)  # type: ignore[arg-type]
+    archive = ArchiveDirectory("a", source, "archive-pk", {})
+    directory_at("grand-challenge", context)._install([archive])
+    raw_values = []
+    for index, (kind, path, image_pk, stored) in enumerate(values):
+        raw_values.append(
+            {
                 "pk": index,
                 "interface": {"super_kind": kind, "relative_path": path, "slug": f"s{index}"},
                 "value": index,
                 "file": f"https://gc.test/media/files/{index}/{quote(stored)}",
                 "image": f"https://gc.test/api/v1/cases/images/{index}/",
             }
-            images[value["image"]] = {
+        )
+        archive._images[str(index)] = _image_record(
+            {
                 "pk": image_pk,
                 "files": [
                     {"pk": f"{index}a", "file": f"https://gc.test/media/i/{quote(stored)}.mha"},
                     {"pk": f"{index}b", "file": f"https://gc.test/media/i/{quote(stored)}.mhd"},
                 ],
             }
-            with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
-                source._place(builder, value, images, "a", "item")  # as the item loader does
-        nodes = builder.nodes()
+        )[1]  # type: ignore[index]
+    kept = source.item_record({"pk": "item", "values": raw_values})
+    assert kept is not None
+    item = ItemDirectory(kept[1], archive)
+    archive._install([item])
+    with raw_listings() as listings:
+        listing = item.without_io()  # as the item loader does, with its images known
+        assert listing is not None
+        nodes = list(listing.nodes)
         assert_inside("grand-challenge/a/item", nodes)
-    listings.append(("grand-challenge/a/item", [node.name for node in nodes]))
     for path, names in listings:
         assert len(names) == len(set(names)), (path, names)
