@@ -37,18 +37,26 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 XATTR_NAMESPACE = "user."
 XATTR_PREFIX = "user.fsmount."
 Attrs = pyfuse3.EntryAttributes
+# Directories with at least this many files ask the metadata store for their sizes in one
+# query when opened; smaller ones leave it to each file's getattr (a walk of many small
+# directories should not pay a query for each).
+_RECALL_IN_BULK = 8
 
 
 def handler(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Run a request under the mount's deadline; map every failure to an errno, never crash."""
+    """Map every failure of a request to an errno, never crash.
+
+    The deadline is not set here but around each wait (`Operations._bounded`): a walk sends a
+    few requests per directory, most answered from memory, and a cancel scope for each of
+    them would cost more than the answer.
+    """
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         self = args[0]
         assert isinstance(self, Operations)
         try:
-            with trio.fail_after(self.request_deadline):
-                return await fn(*args, **kwargs)
+            return await fn(*args, **kwargs)
         except pyfuse3.FUSEError as exc:
             if exc.errno != errno.ENOENT:
                 self.stats.errors += 1
@@ -187,13 +195,22 @@ class Operations(pyfuse3.Operations):
         attrs.attr_timeout = timeout
         return attrs
 
+    async def _bounded(self, waiting: Awaitable[T]) -> T:
+        """Wait for something remote, at most the request deadline (ETIMEDOUT after)."""
+        with trio.fail_after(self.request_deadline):
+            return await waiting
+
+    async def _file_stat(self, node: File) -> BlobStat:
+        """A file's exact size and version, learned now if no one knows it yet."""
+        st = self._sizes.known(node)
+        return st if st is not None else await self._bounded(self._content.stat(node.blob))
+
     async def _attributes(self, node: Node) -> Attrs:
         """Exact attributes: a file's size is learned now if it is not known yet."""
         if isinstance(node, File):
-            st = await self._sizes.stat(node)
-            return self._base_attributes(
-                node, st.size, st.mtime or node.mtime or 0.0, self._attr_timeout
-            )
+            st = await self._file_stat(node)
+            mtime = st.mtime or node.mtime or 0.0
+            return self._base_attributes(node, st.size, mtime, self._attr_timeout)
         return self._base_attributes(node, 0, node.mtime or 0.0, self._attr_timeout)
 
     def _listed_attributes(self, node: Node) -> Attrs:
@@ -231,7 +248,8 @@ class Operations(pyfuse3.Operations):
             return await self._attributes(parent)
         if text == "..":
             return await self._attributes(parent.parent or self._root)
-        child = await parent.child(text)
+        listing = parent.fresh()
+        child = listing.get(text) if listing else await self._bounded(parent.child(text))
         if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         attrs = await self._attributes(child)
@@ -244,9 +262,11 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        listing = await self._directory(inode).children()
-        # One metadata query for the sizes kept from earlier mounts, not one per entry.
-        self._content.recall_many(n.blob for n in listing.nodes if isinstance(n, File))
+        directory = self._directory(inode)
+        listing = directory.fresh() or await self._bounded(directory.children())
+        files = [n.blob for n in listing.nodes if isinstance(n, File)]
+        if len(files) >= _RECALL_IN_BULK:  # one query for sizes kept by earlier mounts
+            self._content.recall_many(files)
         fh = next(self._next_fh)
         self._dir_handles[fh] = listing.nodes
         return fh
@@ -277,7 +297,7 @@ class Operations(pyfuse3.Operations):
         # The kernel keeps a file's pages across opens, unless told otherwise: it is told so
         # when the remote version changed since the last open (no notification needed, so
         # nothing can deadlock against a reader holding those pages).
-        version = await self._sizes.stat(node)
+        version = await self._file_stat(node)
         keep = self._opened_versions.get(inode, version) == version
         self._opened_versions[inode] = version
         fh = next(self._next_fh)
@@ -290,7 +310,7 @@ class Operations(pyfuse3.Operations):
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         blob, version = handle
-        data = await self._content.read(blob, off, size, version)
+        data = await self._bounded(self._content.read(blob, off, size, version))
         self.stats.reads += 1
         self.stats.bytes_served += len(data)
         return data

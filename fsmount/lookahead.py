@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from fsmount.blob import BlobStat, RemoteBlob
 from fsmount.content import Content
-from fsmount.tree import Directory, File, Node
+from fsmount.tree import Directory, File, Listing, Node
 
 WINDOW = 128  # probes started ahead of a program and not asked for yet, per walk
 FOLLOWS = 2.0  # seconds within which a second stat counts as following the first
 WALKS = 8  # walks followed at once (a `du` and an `ls -lR` side by side)
 _MIN_DEPTH = 2  # a walk ahead stays inside one archive, collection or listing
+_NEAR = 8  # entries a program may skip (all sizes known) between two it asks about
 
 
 class _Walk:
@@ -35,8 +36,8 @@ class _Walk:
 
     __slots__ = ("ahead", "files")
 
-    def __init__(self, top: Directory, start: File) -> None:
-        self.files = _files_after(top, start)
+    def __init__(self, files: Iterator[File]) -> None:
+        self.files = files
         self.ahead: set[str] = set()  # blob keys probed ahead, not asked for yet
 
 
@@ -50,29 +51,44 @@ class StatAhead:
         self._walks: deque[_Walk] = deque(maxlen=WALKS)
         self._last: tuple[File, float] | None = None
 
-    async def stat(self, node: File) -> BlobStat:
-        """The exact size and time of `node`, probed now if unknown."""
-        blob = node.blob
-        if isinstance(blob, RemoteBlob) and self._content.recalled(blob) is None:
-            self._asked(node, blob)
-        return await self._content.stat(blob)
+    def known(self, node: File) -> BlobStat | None:
+        """The size if it can be had without a request (memory, or the metadata store).
 
-    def _asked(self, node: File, blob: RemoteBlob) -> None:
-        """A program wants an unknown size: follow the walk it is part of, or start one."""
-        now = time.monotonic()
+        Every stat comes through here, answered or not: it moves a walk on, and an unknown
+        size that follows another may start one.
+        """
+        blob = node.blob
+        if not isinstance(blob, RemoteBlob):
+            return self._content.known(blob)
+        followed = self._followed(node, blob)
+        st = self._content.recalled(blob)
+        if st is None and not followed:
+            self._asked(node, blob)
+        return st
+
+    def _followed(self, node: File, blob: RemoteBlob) -> bool:
+        """True if a walk had guessed this file (probed or not yet): it moves on by one."""
         for walk in self._walks:
             if blob.key in walk.ahead:
                 walk.ahead.discard(blob.key)
                 self._top_up(walk)
-                self._last = (node, now)
-                return
+                self._last = (node, time.monotonic())
+                return True
+        return False
+
+    def _asked(self, node: File, blob: RemoteBlob) -> None:
+        """A program wants an unknown size no walk guessed: it may start a walk."""
+        now = time.monotonic()
         last, self._last = self._last, (node, now)
         if last is None or last[0] is node or now - last[1] > self._follows:
             return
         top = _common_directory(last[0], node)
         if top is None or _depth(top) < _MIN_DEPTH:
             return
-        walk = _Walk(top, node)
+        files = _walk_from(top, last[0], node)
+        if files is None:
+            return
+        walk = _Walk(files)
         self._walks.append(walk)
         self._top_up(walk)
 
@@ -113,20 +129,64 @@ def _common_directory(a: Node, b: Node) -> Directory | None:
     return None
 
 
-def _files_after(top: Directory, start: Node) -> Iterator[File]:
-    """The files below `top` that a depth-first walk in listing order meets after `start`."""
+def _branch(top: Directory, node: Node) -> Node:
+    """The entry of `top` on the way down to `node`."""
+    while node.parent is not top and node.parent is not None:
+        node = node.parent
+    return node
+
+
+def _walk_from(top: Directory, before: Node, now: Node) -> Iterator[File] | None:
+    """What a program that asked about `before`, then `now`, will ask about next.
+
+    Below `top`, programs take entries in listing order (`du DIR`, `ls -l`, `rsync`,
+    `cp -r`), or, at the top, by name (`du DIR/*`, whose names the shell sorted, `ls -lR`,
+    which sorts before it recurses). The two stats tell which: `now` comes a few entries
+    after `before` in one of those orders. If in neither, nothing is guessed.
+    """
+    listing = top.cached()
+    if listing is None:
+        return None
+    first, second = _branch(top, before), _branch(top, now)
+    for ordered in _orders(listing):
+        at_first, at_second = _index(ordered, first), _index(ordered, second)
+        if at_first >= 0 and 0 < at_second - at_first <= _NEAR:
+            return _files_after(top, ordered, now)
+    return None
+
+
+def _orders(listing: Listing) -> Iterator[Sequence[Node]]:
+    """The listing's order, then (only if asked for) the names' order."""
+    yield listing.nodes
+    yield sorted(listing.nodes, key=lambda n: n.name)
+
+
+def _files_after(top: Directory, ordered: Sequence[Node], start: Node) -> Iterator[File]:
+    """The files below `top` that a depth-first walk meets after `start`, taking `top`'s
+    entries in `ordered` order and every deeper directory's in listing order."""
     node = start
-    while node is not top and node.parent is not None:
+    while node.parent is not None:
         parent = node.parent
-        listing = parent.cached()
-        if listing is None:
-            return
-        at = listing.position(node)
+        siblings = ordered if parent is top else _nodes(parent.cached())
+        at = _index(siblings, node)
         if at < 0:  # a refreshed listing no longer holds it: nothing to follow
             return
-        for sibling in listing.nodes[at + 1 :]:
+        for sibling in siblings[at + 1 :]:
             yield from _files_below(sibling)
+        if parent is top:
+            return
         node = parent
+
+
+def _nodes(listing: Listing | None) -> Sequence[Node]:
+    return () if listing is None else listing.nodes
+
+
+def _index(nodes: Sequence[Node], node: Node) -> int:
+    for at, candidate in enumerate(nodes):
+        if candidate is node:
+            return at
+    return -1
 
 
 def _files_below(node: Node) -> Iterator[File]:

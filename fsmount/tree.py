@@ -136,13 +136,6 @@ class Listing:
                 return node
         return None
 
-    def position(self, node: Node) -> int:
-        """Where `node` sits in the order (-1 if it is not here)."""
-        for index, candidate in enumerate(self.nodes):
-            if candidate is node:
-                return index
-        return -1
-
 
 Loader = Callable[["Directory"], Awaitable[Sequence[Node]]]
 
@@ -190,6 +183,10 @@ class Directory(Node):
     def without_io(self) -> Listing | None:
         """The listing if it can be had without asking a service (a walk ahead uses this)."""
         return self._listing
+
+    def fresh(self) -> Listing | None:
+        """The listing if it can be used as it is, without waiting for anything."""
+        return self._listing if self._fresh() else None
 
     def _fresh(self) -> bool:
         if self._listing is None:

@@ -415,6 +415,9 @@ class ItemDirectory(Directory):
     def _fresh(self) -> bool:
         return self.cached() is not None
 
+    def fresh(self) -> Listing | None:
+        return self.without_io()
+
     def without_io(self) -> Listing | None:
         listing = self.cached()
         if listing is None and all(
