@@ -137,44 +137,29 @@ class Listing:
         return None
 
 
-Loader = Callable[["Directory"], Awaitable[Sequence[Node]]]
-
-
 class Directory(Node):
-    """A directory whose children are given, or listed by `loader` on first use and kept for
-    the listing TTL (or until SIGHUP).
+    """A directory whose entries are known when it is made (or, in subclasses, built later
+    without I/O). `ctx`, if given, dates undated entries by the time the cache first saw them,
+    once their paths are known (see `_adopt`)."""
 
-    A failed refresh keeps serving the last good listing (a service outage must not empty a
-    directory the user could already see); a failed first listing raises to the reader.
-    """
-
-    __slots__ = ("_ctx", "_fresh_until", "_generation", "_listing", "_loader", "_xattrs")
+    __slots__ = ("_listing", "_xattrs")
 
     def __init__(
         self,
         name: str,
-        ctx: TreeContext,
+        ctx: TreeContext | None = None,
         *,
-        loader: Loader | None = None,
         children: Iterable[Node] = (),
         xattrs: Mapping[str, str] = NO_XATTRS,
         mtime: float | None = None,
     ) -> None:
         super().__init__(name, mtime)
-        self._ctx = ctx
-        self._loader = loader
         self._xattrs = xattrs
         self._listing: Listing | None = None
-        self._fresh_until = 0.0
-        self._generation = ctx.generation
-        if loader is None:
-            self._listing = self._adopt(list(children))
+        self._listing = self._adopt(list(children), ctx)
 
     def xattrs(self) -> Mapping[str, str]:
         return self._xattrs
-
-    def invalidate(self) -> None:
-        self._fresh_until = 0.0
 
     def cached(self) -> Listing | None:
         """The listing if it is in memory (fresh or not): what can be had without I/O."""
@@ -186,36 +171,106 @@ class Directory(Node):
 
     def fresh(self) -> Listing | None:
         """The listing if it can be used as it is, without waiting for anything."""
-        return self._listing if self._fresh() else None
+        return self._listing
 
-    def _fresh(self) -> bool:
-        if self._listing is None:
-            return False
-        if self._loader is None:
-            return True
-        return self._generation == self._ctx.generation and time.monotonic() < self._fresh_until
+    async def children(self) -> Listing:
+        listing = self.fresh()
+        assert listing is not None
+        return listing
 
     async def child(self, name: str) -> Node | None:
         """The entry called `name`, listing the directory if needed."""
         return (await self.children()).get(name)
 
+    def _adopt(self, nodes: list[Node], ctx: TreeContext | None) -> Listing:
+        """Name -> node; first wins on a clash; undated entries take the time the cache first
+        saw their path. Entries that replace an entry of the last listing are announced
+        (`TreeContext.replaced`) so their inode carries over."""
+        seen: set[str] = set()
+        kept: list[Node] = []
+        for node in nodes:
+            if node.name in seen:
+                log.warning("%s: two entries named %r; keeping the first", self.path, node.name)
+                continue
+            seen.add(node.name)
+            node.parent = self
+            kept.append(node)
+        if ctx is None:
+            return Listing(kept)
+        attached = self.parent is not None or not self.name  # else paths are not known yet
+        undated = list(_undated(kept)) if attached else []
+        if undated:
+            times = ctx.first_seen_many([n.path for n in undated])
+            for node in undated:
+                node.mtime = times[node.path]
+        for node in kept:
+            previous = self._previous(node.name)
+            same_kind = isinstance(previous, Directory) == isinstance(node, Directory)
+            if previous is not None and previous is not node and same_kind:
+                ctx.replaced(previous, node)
+        return Listing(kept)
+
+    def _previous(self, name: str) -> Node | None:
+        """The node a new listing's entry `name` replaces, if any."""
+        return self._listing.get(name) if self._listing is not None else None
+
+    def _install(self, nodes: list[Node]) -> Listing:
+        """Adopt `nodes` as the listing now (one built without I/O)."""
+        self._listing = self._adopt(nodes, None)
+        return self._listing
+
+
+Loader = Callable[["ListedDirectory"], Awaitable[Sequence[Node]]]
+
+
+class ListedDirectory(Directory):
+    """A directory listed by `loader` on first use and kept for the listing TTL (or until
+    SIGHUP).
+
+    A failed refresh keeps serving the last good listing (a service outage must not empty a
+    directory the user could already see); a failed first listing raises to the reader.
+    """
+
+    __slots__ = ("_ctx", "_fresh_until", "_generation", "_loader")
+
+    def __init__(
+        self,
+        name: str,
+        ctx: TreeContext,
+        *,
+        loader: Loader,
+        xattrs: Mapping[str, str] = NO_XATTRS,
+    ) -> None:
+        super().__init__(name, xattrs=xattrs)
+        self._listing = None  # listed on first use
+        self._ctx = ctx
+        self._loader = loader
+        self._fresh_until = 0.0
+        self._generation = ctx.generation
+
+    def invalidate(self) -> None:
+        self._fresh_until = 0.0
+
+    def fresh(self) -> Listing | None:
+        if self._generation != self._ctx.generation or time.monotonic() >= self._fresh_until:
+            return None
+        return self._listing
+
     async def children(self) -> Listing:
-        while not self._fresh():
+        while (listing := self.fresh()) is None:
             loading = self._ctx.loading.get(self)
             if loading is None:
                 return await self._load()
             await loading.wait()
             if self._listing is not None:
                 return self._listing
-        assert self._listing is not None
-        return self._listing
+        return listing
 
     async def _load(self) -> Listing:
-        assert self._loader is not None
         self._ctx.loading[self] = done = trio.Event()
         generation = self._ctx.generation
         try:
-            listing = self._adopt(list(await self._loader(self)))
+            listing = self._adopt(list(await self._loader(self)), self._ctx)
         except Exception:
             if self._listing is None:
                 raise
@@ -229,40 +284,6 @@ class Directory(Node):
         self._fresh_until = time.monotonic() + self._ctx.listing_ttl
         return listing
 
-    def _adopt(self, nodes: list[Node]) -> Listing:
-        """Name -> node; first wins on a clash; undated entries take the time the cache first
-        saw their path. Entries that replace an entry of the last listing are announced
-        (`TreeContext.replaced`) so their inode carries over."""
-        seen: set[str] = set()
-        kept: list[Node] = []
-        for node in nodes:
-            if node.name in seen:
-                log.warning("%s: two entries named %r; keeping the first", self.path, node.name)
-                continue
-            seen.add(node.name)
-            node.parent = self
-            kept.append(node)
-        undated = list(_undated(kept)) if self.parent is not None or not self.name else []
-        if undated:
-            times = self._ctx.first_seen_many([n.path for n in undated])
-            for node in undated:
-                node.mtime = times[node.path]
-        for node in kept:
-            previous = self._previous(node.name)
-            same_kind = isinstance(previous, Directory) == isinstance(node, Directory)
-            if previous is not None and previous is not node and same_kind:
-                self._ctx.replaced(previous, node)
-        return Listing(kept)
-
-    def _previous(self, name: str) -> Node | None:
-        """The node a new listing's entry `name` replaces, if any."""
-        return self._listing.get(name) if self._listing is not None else None
-
-    def _install(self, nodes: list[Node]) -> Listing:
-        """Adopt `nodes` as the listing now (a listing built without I/O)."""
-        self._listing = self._adopt(nodes)
-        return self._listing
-
 
 def _undated(nodes: Iterable[Node]) -> Iterable[Node]:
     """Nodes without a time, looking into given (static) directories too: those are built
@@ -270,7 +291,7 @@ def _undated(nodes: Iterable[Node]) -> Iterable[Node]:
     for node in nodes:
         if node.mtime is None:
             yield node
-        if isinstance(node, Directory) and node._loader is None and node._listing is not None:
+        if type(node) is Directory and node._listing is not None:
             yield from _undated(node._listing.nodes)
 
 
@@ -317,19 +338,32 @@ def is_normal_relative_path(path: str) -> bool:
     )
 
 
+def split_relative_path(path: str) -> tuple[str, ...] | None:
+    """The parts of `path` if it is already normal (see `is_normal_relative_path`), else None.
+
+    Sources split each socket's path once and hand the same parts (the same strings) to every
+    item, rather than one copy of `images`, `ct`... per item.
+    """
+    return tuple(path.split("/")) if is_normal_relative_path(path) else None
+
+
 class PlacedDirectory(Directory):
     """A directory made of a relative path inside a base directory (an item's `files/`):
-    it says where it is, as its base does, without a dict of its own."""
+    it says where it is, as its base does, computed when asked."""
 
-    __slots__ = ("_base", "_relative")
+    __slots__ = ("_base",)
 
-    def __init__(self, name: str, base: Directory, relative: str, children: list[Node]) -> None:
-        super().__init__(name, base._ctx, children=children, mtime=base.mtime)
+    def __init__(self, name: str, base: Directory, children: list[Node]) -> None:
+        super().__init__(name, children=children, mtime=base.mtime)
         self._base = base
-        self._relative = relative
 
     def xattrs(self) -> Mapping[str, str]:
-        return {**self._base.xattrs(), "relative-path": self._relative}
+        parts: list[str] = []
+        node: Node = self
+        while node is not self._base and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return {**self._base.xattrs(), "relative-path": "/".join(reversed(parts))}
 
 
 class _Slot:
@@ -343,95 +377,97 @@ class _Slot:
 
 
 Make = Callable[[str], Node]
+Parts = str | Sequence[str] | None  # a relative path, or its parts as `split_relative_path` made
 
 
 class PathBuilder:
     """Places values at relative paths under one directory; the first claim of a path wins.
 
     Anything not in normal form, or colliding with an earlier value (the same path, or a file
-    where a directory is needed), is logged and left out; the rest still shows.
+    where a directory is needed), is logged and left out; the rest still shows. `what` says
+    which value it is, in those logs (anything with a `str`).
     """
 
     def __init__(self, base: Directory) -> None:
         self._base = base
         self._root = _Slot()
 
-    def add_file(self, relative_path: str, make: Make, what: str) -> bool:
+    def add_file(self, relative_path: Parts, make: Make, what: object) -> bool:
         """Put the node made by `make(name)` at `relative_path`."""
-        if not is_normal_relative_path(relative_path):
-            log.warning("%s: skipping %s: unsafe path %r", self._base.path, what, relative_path)
+        parts = self._parts(relative_path, what)
+        if not parts:
             return False
-        *dirs, name = relative_path.split("/")
-        slot = self._descend(dirs, what, relative_path)
+        slot = self._descend(parts[:-1], what, parts)
         if slot is None:
             return False
-        return self._place(slot, "/".join(dirs), name, make, what)
+        return self._place(slot, parts, make, what)
 
-    def add_files_in(self, relative_dir: str, files: list[tuple[str, Make]], what: str) -> bool:
+    def add_files_in(
+        self, relative_dir: Parts, files: list[tuple[str, Make]], what: object
+    ) -> bool:
         """Claim directory `relative_dir` ("" = the base itself) and put `files` in it."""
-        if relative_dir == "":
+        if relative_dir == "" or relative_dir == ():
             slot: _Slot | None = self._root
-        elif not is_normal_relative_path(relative_dir):
-            log.warning("%s: skipping %s: unsafe path %r", self._base.path, what, relative_dir)
-            return False
+            parts: Sequence[str] = ()
         else:
-            slot = self._descend(relative_dir.split("/"), what, relative_dir)
+            parts = self._parts(relative_dir, what) or ()
+            if not parts:
+                return False
+            slot = self._descend(parts, what, parts)
             if slot is not None and slot.claimed:
-                log.warning(
-                    "%s: skipping %s: %r is already taken", self._base.path, what, relative_dir
-                )
+                self._skip(what, f"{'/'.join(parts)!r} is already taken")
                 return False
         if slot is None:
             return False
         clash = [name for name, _ in files if name in slot.entries]
         if clash:
-            log.warning("%s: skipping %s: %r already exist", self._base.path, what, clash)
+            self._skip(what, f"{clash!r} already exist")
             return False
-        if relative_dir:
+        if parts:
             slot.claimed = True
         for name, make in files:
-            self._place(slot, relative_dir, name, make, what)
+            self._place(slot, (*parts, name), make, what)
         return True
 
     def nodes(self) -> list[Node]:
-        return self._build(self._root, "")
+        return self._build(self._root)
 
-    def _descend(self, dirs: list[str], what: str, relative_path: str) -> _Slot | None:
+    def _parts(self, relative_path: Parts, what: object) -> Sequence[str] | None:
+        parts = (
+            split_relative_path(relative_path) if isinstance(relative_path, str) else relative_path
+        )
+        if not parts:
+            self._skip(what, f"unsafe path {relative_path!r}")
+        return parts
+
+    def _skip(self, what: object, why: str) -> None:
+        log.warning("%s: skipping %s: %s", self._base.path, what, why)
+
+    def _descend(self, dirs: Sequence[str], what: object, path: Sequence[str]) -> _Slot | None:
         slot = self._root
         for part in dirs:
             nxt = slot.entries.get(part)
             if nxt is None:
                 nxt = slot.entries[part] = _Slot()
             if not isinstance(nxt, _Slot):
-                log.warning(
-                    "%s: skipping %s: %r needs a directory where a file is",
-                    self._base.path,
-                    what,
-                    relative_path,
-                )
+                self._skip(what, f"{'/'.join(path)!r} needs a directory where a file is")
                 return None
             slot = nxt
         return slot
 
-    def _place(self, slot: _Slot, relative_dir: str, name: str, make: Make, what: str) -> bool:
+    def _place(self, slot: _Slot, parts: Sequence[str], make: Make, what: object) -> bool:
+        name = parts[-1]
         if name in slot.entries:
-            log.warning(
-                "%s: skipping %s: %r is already taken",
-                self._base.path,
-                what,
-                f"{relative_dir}/{name}".lstrip("/"),
-            )
+            self._skip(what, f"{'/'.join(parts)!r} is already taken")
             return False
         slot.entries[name] = make(name)
         return True
 
-    def _build(self, slot: _Slot, relative: str) -> list[Node]:
+    def _build(self, slot: _Slot) -> list[Node]:
         out: list[Node] = []
         for name, entry in slot.entries.items():
             if isinstance(entry, _Slot):
-                inner = f"{relative}/{name}" if relative else name
-                children = self._build(entry, inner)
-                out.append(PlacedDirectory(name, self._base, inner, children))
+                out.append(PlacedDirectory(name, self._base, self._build(entry)))
             else:
                 if entry.mtime is None:
                     entry.mtime = self._base.mtime

@@ -21,7 +21,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import trio
 from cachetools import LRUCache
@@ -32,11 +32,13 @@ from fsmount.transfer import ApiClient, redact, url_expiry
 from fsmount.tree import (
     Directory,
     File,
+    ListedDirectory,
     Listing,
     Node,
     PathBuilder,
     TreeContext,
     safe_name,
+    split_relative_path,
 )
 
 log = logging.getLogger(__name__)
@@ -59,39 +61,38 @@ R = TypeVar("R")
 
 
 class _Socket:
-    """What the tree needs of a socket; one object per distinct socket, shared by values."""
+    """What the tree needs of a socket; one object per distinct socket, shared by values.
 
-    __slots__ = ("kind", "relative_path", "slug", "super_kind")
+    `parts` is the relative path split once (None if it is not in normal form): every item
+    shares these strings.
+    """
+
+    __slots__ = ("kind", "parts", "relative_path", "slug", "super_kind")
 
     def __init__(self, slug: str, kind: str, super_kind: str, relative_path: str) -> None:
         self.slug = slug
         self.kind = kind
         self.super_kind = super_kind
         self.relative_path = relative_path
+        self.parts = split_relative_path(relative_path)
+
+    def where(self) -> str | tuple[str, ...]:
+        """The parts, or the path as sent when it is not normal (to be refused, and said)."""
+        return self.parts or self.relative_path
 
 
 class _Value:
-    """One socket value: `data` (a Value's JSON, rendered), `file` (a File's /media/ URL) or
-    `image` (an Image's pk)."""
+    """One socket value. `payload` is, by the socket's super_kind: the rendered JSON (bytes)
+    of a Value, the packed `/media/` URL of a File (see `MediaUrls`), or an Image's pk."""
 
-    __slots__ = ("data", "file", "image", "pk", "socket")
+    __slots__ = ("payload", "pk", "socket")
 
-    def __init__(
-        self,
-        socket: _Socket,
-        pk: object,
-        *,
-        data: bytes | None = None,
-        file: str | None = None,
-        image: str | None = None,
-    ) -> None:
+    def __init__(self, socket: _Socket, pk: Any, payload: bytes | str | None) -> None:
         self.socket = socket
         self.pk = pk
-        self.data = data
-        self.file = file
-        self.image = image
+        self.payload = payload
 
-    def described(self) -> str:
+    def __str__(self) -> str:
         return f"socket {self.socket.slug!r} (value {self.pk})"
 
 
@@ -104,7 +105,7 @@ class _Item:
 
 
 class _Image:
-    """An image's stored files: (file pk, /media/ URL, image_type) each."""
+    """An image's stored files: (file pk, packed /media/ URL, image_type) each."""
 
     __slots__ = ("files", "pk")
 
@@ -113,11 +114,53 @@ class _Image:
         self.files = files
 
 
-def _image_record(image: Mapping[str, Any]) -> tuple[str, _Image] | None:
+class MediaUrls:
+    """`/media/` URLs kept small: as the few parts the server builds them from, when they are
+    exactly what its storage layout gives (reference §2.3: `components/componentinterfacevalue/
+    <hex>/<hex>/<civ pk>/<name>` and `images/<aa>/<bb>/<image pk>/<file pk>/<image pk>.<ext>`),
+    else whole. A 100,000-item archive holds 300,000 of them; most shrink to nothing.
+    """
+
+    def __init__(self, api_url: str) -> None:
+        self._media = urljoin(api_url, "/media/")
+
+    def _file(self, pk: Any, name: str) -> str:
+        code = hex(int(pk)) if isinstance(pk, int) else ""
+        return (
+            f"{self._media}components/componentinterfacevalue/{code[-4:-2]}/{code[-2:]}/{pk}/{name}"
+        )
+
+    def _image_file(self, image: str, file: str, suffix: str) -> str:
+        return f"{self._media}images/{image[0:2]}/{image[2:4]}/{image}/{file}/{image}.{suffix}"
+
+    def pack_file(self, url: str, pk: Any, name: str) -> str | None:
+        return None if url == self._file(pk, name) else url
+
+    def unpack_file(self, packed: str | None, pk: Any, name: str) -> str:
+        return packed if packed is not None else self._file(pk, name)
+
+    def pack_image_file(self, url: str, image: str, file: str) -> str:
+        """The suffix alone (one of `_SUFFIXES`, shared) when the layout gives the URL."""
+        suffix = url.rsplit(".", 1)[-1]
+        known = _SUFFIXES.get(suffix)
+        return known if known and url == self._image_file(image, file, known) else url
+
+    def unpack_image_file(self, packed: str, image: str, file: str) -> str:
+        return self._image_file(image, file, packed) if packed in _SUFFIXES else packed
+
+
+_SUFFIXES = {s: s for s in ("mha", "tif", "tiff", "dzi", "mhd", "zraw", "raw")}
+
+
+def _image_record(image: Mapping[str, Any], urls: MediaUrls) -> tuple[str, _Image] | None:
     try:
         pk = str(image["pk"])
         files = tuple(
-            (str(f["pk"]), f["file"], f.get("image_type"))
+            (
+                str(f["pk"]),
+                urls.pack_image_file(f["file"], pk, str(f["pk"])),
+                _TYPES.get(f.get("image_type"), f.get("image_type")),
+            )
             for f in image.get("files") or []
             if isinstance(f, dict) and isinstance(f.get("file"), str)
         )
@@ -125,6 +168,9 @@ def _image_record(image: Mapping[str, Any]) -> tuple[str, _Image] | None:
         log.warning("skipping a malformed image record: %.200r", image)
         return None
     return pk, _Image(pk, files)
+
+
+_TYPES = {t: t for t in ("MHD", "TIFF", "DZI")}
 
 
 def _image_pk(url: str) -> str:
@@ -146,6 +192,7 @@ class GrandChallenge:
         self._only = archives or []
         self._image_limit = trio.CapacityLimiter(IMAGES_AT_ONCE)
         self._sockets: dict[tuple[str, str, str, str], _Socket] = {}
+        self.urls = MediaUrls(api.base_url if api is not None else "https://grand-challenge.test/")
 
     async def check(self) -> None:
         """Fail before mounting on a bad token, an unreachable API or an unknown archive."""
@@ -164,7 +211,7 @@ class GrandChallenge:
             raise StartupError(f"cannot use the Grand Challenge API: {exc}") from None
 
     def directory(self) -> Directory:
-        return Directory(
+        return ListedDirectory(
             ROOT,
             self._ctx,
             loader=self._load_archives,
@@ -206,7 +253,7 @@ class GrandChallenge:
             log.info("%s: %d of %d records seen; reading it again", path, len(records), count)
         return records
 
-    async def _load_archives(self, parent: Directory) -> list[Node]:
+    async def _load_archives(self, parent: ListedDirectory) -> list[Node]:
         def keep(archive: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
             return (str(archive["pk"]), archive) if "pk" in archive else None
 
@@ -261,14 +308,15 @@ class GrandChallenge:
         pk = raw.get("pk")
         super_kind = shared.super_kind.casefold()
         if super_kind == "value":
-            return _Value(shared, pk, data=json.dumps(raw.get("value"), indent=2).encode())
+            return _Value(shared, pk, json.dumps(raw.get("value"), indent=2).encode())
         if super_kind == "file" and isinstance(raw.get("file"), str):
-            return _Value(shared, pk, file=raw["file"])
+            name = shared.parts[-1] if shared.parts else ""
+            return _Value(shared, pk, self.urls.pack_file(raw["file"], pk, name))
         if super_kind == "image" and isinstance(raw.get("image"), str):
-            return _Value(shared, pk, image=_image_pk(raw["image"]))
+            return _Value(shared, pk, _image_pk(raw["image"]))
         if super_kind in ("value", "file", "image"):
             return None
-        return _Value(shared, pk)  # an unknown kind: left out (and said) when listed
+        return _Value(shared, pk, None)  # an unknown kind: left out (and said) when listed
 
     async def item_alone(self, pk: str, archive_pk: str) -> _Item | None:
         """One item by pk, if it is in that archive (a path opened before any listing)."""
@@ -285,7 +333,10 @@ class GrandChallenge:
         return kept[1] if kept else None
 
     async def images_of(self, archive_pk: str) -> dict[str, _Image]:
-        return await self.listing("cases/images/", {"archive": archive_pk}, _image_record)
+        def keep(image: Mapping[str, Any]) -> tuple[str, _Image] | None:
+            return _image_record(image, self.urls)
+
+        return await self.listing("cases/images/", {"archive": archive_pk}, keep)
 
     async def image_alone(self, pk: str) -> _Image | None:
         async with self._image_limit:
@@ -294,7 +345,7 @@ class GrandChallenge:
             except FetchError as exc:
                 log.warning("image %s: %s", pk, exc)
                 return None
-        kept = _image_record(image) if isinstance(image, dict) else None
+        kept = _image_record(image, self.urls) if isinstance(image, dict) else None
         return kept[1] if kept else None
 
     def blob(self, key: str, media_url: str, described: str) -> RemoteBlob:
@@ -310,7 +361,7 @@ class GrandChallenge:
 # --------------------------------------------------------------------------- the tree
 
 
-class ArchiveDirectory(Directory):
+class ArchiveDirectory(ListedDirectory):
     """An archive: its items, listed whole on first use, or looked up one by one before."""
 
     __slots__ = ("_images", "_images_loading", "_pk", "_singles", "_singles_asked", "source")
@@ -356,6 +407,9 @@ class ArchiveDirectory(Directory):
     def _previous(self, name: str) -> Node | None:
         return super()._previous(name) or self._singles.get(name)
 
+    def known_image(self, pk: str) -> _Image | None:
+        return self._images.get(pk)
+
     async def image(self, pk: str, listed: bool) -> _Image | None:
         """An image's details: from the archive's images listing (fetched once, when an item
         of a listed archive first needs one), or alone when the listing lacks it."""
@@ -389,7 +443,7 @@ class ArchiveDirectory(Directory):
             self._images_loading = None
 
 
-async def _list_archive(directory: Directory) -> Sequence[Node]:
+async def _list_archive(directory: ListedDirectory) -> Sequence[Node]:
     assert isinstance(directory, ArchiveDirectory)
     records = await directory.source.listing(
         "archives/items/", {"archive": directory._pk}, directory.source.item_record
@@ -405,78 +459,72 @@ class ItemDirectory(Directory):
     __slots__ = ("archive", "record")
 
     def __init__(self, record: _Item, archive: ArchiveDirectory) -> None:
-        super().__init__(record.pk, archive.source._ctx, loader=_list_item)
+        super().__init__(record.pk)
+        self._listing = None
         self.record = record
         self.archive = archive
 
     def xattrs(self) -> Mapping[str, str]:
         return {"archive": self.archive.name, "item": self.record.pk}
 
-    def _fresh(self) -> bool:
-        return self.cached() is not None
-
     def fresh(self) -> Listing | None:
         return self.without_io()
 
     def without_io(self) -> Listing | None:
-        listing = self.cached()
-        if listing is None and all(
-            v.image is None or v.image in self.archive._images for v in self.record.values
-        ):
-            listing = self._install(self._layout(self.archive._images))
-        return listing
+        """Built from the record when every image it names is known already."""
+        if self._listing is None and all(map(self._known, self.record.values)):
+            self._install(self._layout())
+        return self._listing
 
-    def _layout(self, images: Mapping[str, _Image]) -> list[Node]:
+    async def children(self) -> Listing:
+        listing = self.without_io()
+        if listing is not None:
+            return listing
+        listed = self.archive.cached() is not None
+        async with trio.open_nursery() as nursery:
+            for value in self.record.values:
+                if not self._known(value):
+                    nursery.start_soon(self.archive.image, str(value.payload), listed)
+        return self._install(self._layout())  # an image that could not be had is left out
+
+    def _known(self, value: _Value) -> bool:
+        return not _is_image(value) or self.archive.known_image(str(value.payload)) is not None
+
+    def _layout(self) -> list[Node]:
         builder = PathBuilder(self)
         for value in self.record.values:
             socket = value.socket
             super_kind = socket.super_kind.casefold()
-            what = value.described()
             if super_kind == "value":
-                builder.add_file(
-                    socket.relative_path, lambda n, v=value: ValueFile(n, self, v), what
-                )
+                builder.add_file(socket.where(), lambda n, v=value: ValueFile(n, self, v), value)
             elif super_kind == "file":
-                builder.add_file(
-                    socket.relative_path, lambda n, v=value: StoredFile(n, self, v), what
-                )
+                builder.add_file(socket.where(), lambda n, v=value: StoredFile(n, self, v), value)
             elif super_kind == "image":
-                image = images.get(value.image or "")
+                image = self.archive.known_image(str(value.payload))
                 if image is None:
-                    log.warning("%s: skipping %s: its image is unknown", self.path, what)
+                    log.warning("%s: skipping %s: its image is unknown", self.path, value)
                     continue
                 files = _image_files(self, value, image)
                 if files:
-                    builder.add_files_in(socket.relative_path, files, what)
+                    builder.add_files_in(socket.where(), files, value)
             else:
-                log.warning("%s: skipping %s: unknown super_kind", self.path, what)
+                log.warning("%s: skipping %s: unknown super_kind", self.path, value)
         return builder.nodes()
 
 
-async def _list_item(directory: Directory) -> Sequence[Node]:
-    assert isinstance(directory, ItemDirectory)
-    archive = directory.archive
-    listed = archive.cached() is not None
-    images: dict[str, _Image] = {}
-
-    async def fetch(pk: str) -> None:
-        image = await archive.image(pk, listed)
-        if image is not None:
-            images[pk] = image
-
-    async with trio.open_nursery() as nursery:
-        for pk in {v.image for v in directory.record.values if v.image is not None}:
-            nursery.start_soon(fetch, pk)
-    return directory._layout(images)
+def _is_image(value: _Value) -> bool:
+    return value.socket.super_kind.casefold() == "image" and isinstance(value.payload, str)
 
 
 def _image_files(item: ItemDirectory, value: _Value, image: _Image) -> list[tuple[str, Any]]:
     """`<image-pk>.<ext>` per stored file; DZI hidden; legacy MHD pairs keep stored names."""
+    urls = item.archive.source.urls
     files: list[tuple[str, Any]] = []
     for image_file in image.files:
-        file_pk, url, image_type = image_file
+        file_pk, packed, image_type = image_file
         if image_type == "DZI":
             continue
+        url = urls.unpack_image_file(packed, image.pk, file_pk)
         stored = urlsplit(url).path.rsplit("/", 1)[-1]
         suffix = stored.rsplit(".", 1)[-1].lower() if "." in stored else ""
         if suffix in IMAGE_SUFFIXES:
@@ -520,7 +568,8 @@ class ValueFile(_ValueNode):
 
     @property
     def blob(self) -> InlineBlob:
-        return InlineBlob(self.value.data or b"")
+        data = self.value.payload
+        return InlineBlob(data if isinstance(data, bytes) else b"")
 
 
 class StoredFile(_ValueNode):
@@ -532,7 +581,9 @@ class StoredFile(_ValueNode):
     def blob(self) -> RemoteBlob:
         value = self.value
         source = self.item.archive.source
-        return source.blob(f"gc:civ:{value.pk}", value.file or "", self._described(""))
+        packed = value.payload if isinstance(value.payload, str) else None
+        url = source.urls.unpack_file(packed, value.pk, self.name)
+        return source.blob(f"gc:civ:{value.pk}", url, self._described(""))
 
 
 class ImageFile(_ValueNode):
@@ -557,6 +608,7 @@ class ImageFile(_ValueNode):
 
     @property
     def blob(self) -> RemoteBlob:
-        file_pk, url, _ = self.stored
+        file_pk, packed, _ = self.stored
         source = self.item.archive.source
+        url = source.urls.unpack_image_file(packed, self.image, file_pk)
         return source.blob(f"gc:imagefile:{file_pk}", url, self._described(self.name))

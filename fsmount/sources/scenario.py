@@ -16,7 +16,15 @@ from typing import Any
 from fsmount.blob import RemoteBlob, SignedUrl
 from fsmount.errors import FetchError, StartupError
 from fsmount.transfer import ApiClient, redact, url_expiry
-from fsmount.tree import Directory, File, Node, TreeContext, safe_name, unique_names
+from fsmount.tree import (
+    Directory,
+    File,
+    ListedDirectory,
+    Node,
+    TreeContext,
+    safe_name,
+    unique_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +108,9 @@ class Scenario:
             xattrs["project"] = self._project
 
         def sub(name: str, loader: Callable[[Directory], Any]) -> Directory:
-            return Directory(name, self._ctx, loader=loader, xattrs={**xattrs, "listing": name})
+            return ListedDirectory(
+                name, self._ctx, loader=loader, xattrs={**xattrs, "listing": name}
+            )
 
         children = [
             sub("assets", self._load_assets),
@@ -146,7 +156,7 @@ class Scenario:
             [(safe_name(str(c.get("name") or c["id"]), c["id"]), c["id"]) for c in collections]
         )
         return [
-            Directory(
+            ListedDirectory(
                 name,
                 self._ctx,
                 loader=self._collection_loader(c["id"]),

@@ -10,12 +10,12 @@ import pytest
 import trio
 
 from fsmount.fs import Operations
-from fsmount.tree import Directory, Node, TreeContext
+from fsmount.tree import Directory, ListedDirectory, Node, TreeContext
 
 
 def make_ops(loader, deadline: float = 5.0) -> Operations:
     ctx = TreeContext(lambda keys: {k: 1.0 for k in keys})
-    child = Directory("broken", ctx, loader=loader)
+    child = ListedDirectory("broken", ctx, loader=loader)
     root = Directory("", ctx, children=[child])
     return Operations(root, content=None, request_deadline=deadline)  # type: ignore[arg-type]
 

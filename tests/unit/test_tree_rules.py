@@ -137,9 +137,9 @@ def raw_listings() -> Iterator[list[tuple[str, list[str]]]]:
     seen: list[tuple[str, list[str]]] = []
     adopt = Directory._adopt
 
-    def recording(self: Directory, nodes: list[Node]) -> Listing:
+    def recording(self: Directory, nodes: list[Node], ctx: TreeContext | None) -> Listing:
         seen.append((self, [node.name for node in nodes]))
-        return adopt(self, nodes)
+        return adopt(self, nodes, ctx)
 
     with mock.patch.object(Directory, "_adopt", recording):
         yield seen
@@ -248,7 +248,8 @@ def test_grand_challenge_values_at_any_path_stay_inside_their_item(values) -> No
                     {"pk": f"{index}a", "file": f"https://gc.test/media/i/{quote(stored)}.mha"},
                     {"pk": f"{index}b", "file": f"https://gc.test/media/i/{quote(stored)}.mhd"},
                 ],
-            }
+            },
+            source.urls,
         )[1]  # type: ignore[index]
     kept = source.item_record({"pk": "item", "values": raw_values})
     assert kept is not None
