@@ -38,6 +38,12 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+def _positive(number: int) -> int:
+    if number <= 0:
+        raise ValueError(f"must be positive: {number}")
+    return number
+
+
 def parse_port(text: str) -> int:
     """A TCP port to listen on, 1-65535."""
     port = int(text)
@@ -182,6 +188,16 @@ OPTIONS: tuple[Option, ...] = (
         metavar="SECONDS",
     ),
     Option(
+        "max-entries",
+        "--max-entries",
+        "FSMOUNT_MAX_ENTRIES",
+        250_000,
+        lambda text: _positive(int(text)),
+        "files and directories the kernel is left holding at once; beyond, the ones used"
+        " longest ago are dropped and looked up again if used (bounds memory on huge walks)",
+        metavar="N",
+    ),
+    Option(
         "allow-other",
         "--allow-other",
         "FSMOUNT_ALLOW_OTHER",
@@ -224,6 +240,7 @@ class Config:
     cache_size: int
     timeout: float
     dir_cache_time: float
+    max_entries: int
     allow_other: bool
     metrics_port: int | None
     log_level: str

@@ -24,6 +24,7 @@ import trio
 from fsmount.blob import Blob, BlobStat
 from fsmount.content import Content
 from fsmount.errors import FetchError
+from fsmount.inodes import BUDGET, InodeTable
 from fsmount.lookahead import StatAhead
 from fsmount.tree import Directory, File, Node
 
@@ -107,6 +108,7 @@ class Operations(pyfuse3.Operations):
         sizes: StatAhead | None = None,
         request_deadline: float = 90.0,
         attr_timeout: float = 60.0,
+        inode_budget: int = BUDGET,
     ) -> None:
         super().__init__()
         self.stats = FuseStats()
@@ -116,11 +118,7 @@ class Operations(pyfuse3.Operations):
         self._sizes = sizes or StatAhead(content)
         self._uid = os.getuid()
         self._gid = os.getgid()
-        root.ino = pyfuse3.ROOT_INODE
-        root.lookups = 1  # the kernel never forgets the root
-        self._root = root
-        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
-        self._next_inode = itertools.count(pyfuse3.ROOT_INODE + 1)
+        self._inodes = InodeTable(root, budget=inode_budget)
         self._next_fh = itertools.count(1)
         self._dir_handles: dict[int, Sequence[Node]] = {}
         self._file_handles: dict[int, tuple[Blob, BlobStat]] = {}
@@ -135,43 +133,35 @@ class Operations(pyfuse3.Operations):
     # ----- inode bookkeeping -------------------------------------------------------------
 
     def _node(self, inode: int) -> Node:
-        node = self._nodes.get(inode)
+        node = self._inodes.get(inode)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
 
-    def _inode_of(self, node: Node) -> int:
-        if not node.ino:
-            node.ino = next(self._next_inode)
-        return node.ino
-
-    def _remember(self, node: Node, count: int = 1) -> int:
-        """The inode for `node` (new, or the one it already has), its lookup count +count."""
-        inode = self._inode_of(node)
-        self._nodes[inode] = node  # a refreshed listing's node stands for the old one
-        node.lookups += count
-        return inode
+    @property
+    def entries(self) -> int:
+        """Files and directories the kernel holds now (bounded by the inode budget)."""
+        return len(self._inodes)
 
     def replaced(self, old: Node, new: Node) -> None:
-        """A refreshed listing brought `new` where `old` was: it takes over the inode, so the
-        kernel's references stay valid and the old node (and what hangs below it) can go."""
-        if old.ino and self._nodes.get(old.ino) is old:
-            new.ino, new.lookups = old.ino, old.lookups
-            self._nodes[new.ino] = new
+        self._inodes.replaced(old, new)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
             for inode, nlookup in inode_list:
-                node = self._nodes.get(inode)
-                if node is None or inode == pyfuse3.ROOT_INODE:
-                    continue
-                node.lookups -= nlookup
-                if node.lookups <= 0:
-                    del self._nodes[inode]
+                if self._inodes.forget(inode, nlookup) is not None:
                     self._opened_versions.pop(inode, None)
-                    node.ino = node.lookups = 0
         except Exception:
             log.exception("forget failed")  # forget must never raise
+
+    def _used(self, directory: Directory) -> None:
+        """Keep the inode table within its budget: the kernel is asked to drop the
+        directories used longest ago (it sends forgets for them and what is below)."""
+        self._inodes.used(directory)
+        if len(self._inodes) <= self._inodes.budget:
+            return
+        for parent, name in self._inodes.over_budget():
+            pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
 
     # ----- attributes -----------------------------------------------------------------
 
@@ -236,6 +226,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if not isinstance(node, Directory):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        self._used(node)
         return node
 
     @handler
@@ -247,13 +238,13 @@ class Operations(pyfuse3.Operations):
         if text == ".":
             return await self._attributes(parent)
         if text == "..":
-            return await self._attributes(parent.parent or self._root)
+            return await self._attributes(parent.parent or self._inodes.root)
         listing = parent.fresh()
         child = listing.get(text) if listing else await self._bounded(parent.child(text))
         if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         attrs = await self._attributes(child)
-        attrs.st_ino = self._remember(child)
+        attrs.st_ino = self._inodes.remember(child)
         return attrs
 
     @handler
@@ -277,10 +268,10 @@ class Operations(pyfuse3.Operations):
         for index in range(start_id, len(entries)):
             child = entries[index]
             attrs = self._listed_attributes(child)
-            attrs.st_ino = self._inode_of(child)
+            attrs.st_ino = self._inodes.number(child)
             if not pyfuse3.readdir_reply(token, os.fsencode(child.name), attrs, index + 1):
                 return
-            self._remember(child)
+            self._inodes.remember(child)
 
     async def releasedir(self, fh: int) -> None:
         self._dir_handles.pop(fh, None)

@@ -183,7 +183,10 @@ async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> Non
                 "", ctx, children=services, xattrs={"services": names}, mtime=root_time
             )
             ops = Operations(
-                root, Content(storage, blocks, metadata), request_deadline=cfg.timeout + 15
+                root,
+                Content(storage, blocks, metadata),
+                request_deadline=cfg.timeout + 15,
+                inode_budget=cfg.max_entries,
             )
             ctx.replaced = ops.replaced
             collect = status_collector(mountpoint, cache_dir, blocks, stats, apis, ops)
@@ -231,7 +234,7 @@ def status_collector(
                 "url_resolves": stats.url_resolves,
                 "by_status": {str(code): n for code, n in sorted(stats.by_status.items())},
             },
-            "fuse": dataclasses.asdict(ops.stats),
+            "fuse": {**dataclasses.asdict(ops.stats), "entries": ops.entries},
         }
 
     return collect

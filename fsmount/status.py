@@ -17,7 +17,8 @@ The status document (`collect()`'s answer, sent as one JSON object per connectio
                 "misses": int, "bytes_fetched": int, "downloads_in_flight": int},
       "http": {"requests": int, "retries": int, "errors": int, "bytes_fetched": int,
                "url_resolves": int, "by_status": {"200": int, "206": int, ...}},
-      "fuse": {"bytes_served": int, "reads": int, "errors": int, "xattr_requests": int}
+      "fuse": {"bytes_served": int, "reads": int, "errors": int, "xattr_requests": int,
+               "entries": int}
     }
 
 Every section and counter is optional for the readers here (`render`, `prometheus`): a missing
@@ -490,6 +491,13 @@ METRICS: tuple[Metric, ...] = (
         "fsmount_fuse_errors_total",
         "counter",
         "requests answered with an error",
+    ),
+    Metric(
+        "fuse",
+        "entries",
+        "fsmount_fuse_entries",
+        "gauge",
+        "files and directories the kernel holds",
     ),
     Metric(
         "fuse",

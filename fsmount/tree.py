@@ -214,6 +214,9 @@ class Directory(Node):
         """The node a new listing's entry `name` replaces, if any."""
         return self._listing.get(name) if self._listing is not None else None
 
+    def forgotten(self) -> None:
+        """The kernel no longer knows this directory: what it can rebuild, it may drop."""
+
     def _install(self, nodes: list[Node]) -> Listing:
         """Adopt `nodes` as the listing now (one built without I/O)."""
         self._listing = self._adopt(nodes, None)

@@ -470,6 +470,9 @@ class ItemDirectory(Directory):
     def fresh(self) -> Listing | None:
         return self.without_io()
 
+    def forgotten(self) -> None:
+        self._listing = None  # built again from the record, if it is ever looked into
+
     def without_io(self) -> Listing | None:
         """Built from the record when every image it names is known already."""
         if self._listing is None and all(map(self._known, self.record.values)):

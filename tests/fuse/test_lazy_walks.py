@@ -312,3 +312,21 @@ def test_a_refresh_keeps_inodes_and_lists_again(scale_mounter: Mounter) -> None:
     assert sorted(os.listdir(root))[0] == first
     assert gc.log.count("items") == 1
     assert os.stat(root / first).st_ino == inode
+
+
+def test_a_walk_beyond_the_entry_budget_stays_exact_and_bounded(scale_mounter: Mounter):
+    """The kernel is asked to drop what was walked longest ago; walks still see everything."""
+    gc = scale_mounter.services.gc
+    budget = 2_000  # a 2,500-item archive is about 20,000 entries
+    mount = scale_mounter.start("--archive", WALKED, "--max-entries", str(budget), scenario=False)
+    root = archive_path(mount, WALKED)
+    expected = set(gc.expected_archive(WALKED))
+    for _ in range(2):  # the second walk looks up again what the kernel dropped
+        found = subprocess.run(
+            ["find", str(root), "-type", "f"], capture_output=True, text=True, check=True
+        )
+        assert {os.path.relpath(p, root) for p in found.stdout.splitlines()} == expected
+        held = fuse_stats(mount)["entries"]
+        assert held < 4 * budget, f"{held} entries held for a budget of {budget}"
+    some = sorted(expected)[:50]
+    assert all(os.stat(root / path).st_size >= 0 for path in some)

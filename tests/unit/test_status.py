@@ -46,7 +46,13 @@ SAMPLE: dict[str, Any] = {
         "url_resolves": 56,
         "by_status": {"200": 300, "206": 930, "503": 4},
     },
-    "fuse": {"bytes_served": 6 << 30, "reads": 50_000, "errors": 3, "xattr_requests": 12},
+    "fuse": {
+        "bytes_served": 6 << 30,
+        "reads": 50_000,
+        "errors": 3,
+        "xattr_requests": 12,
+        "entries": 900,
+    },
 }
 
 
