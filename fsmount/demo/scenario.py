@@ -144,7 +144,7 @@ class ScenarioFake(FakeService):
     up), `export_limit` (assets per job), `export_step` (seconds per status before the
     outcome), `export_outcome` ("success", "failure" or "canceled"), `export_hook` (changes a
     job's entries before they are zipped) and `export_cut_at` (a fraction of the zip: every
-    download of it stops there and the connection drops, as a transfer cut half-way).
+    transfer of it that reaches that point drops the connection there).
     """
 
     def __init__(self, *, tls: TlsFiles | None = None) -> None:
@@ -566,7 +566,7 @@ class ScenarioFake(FakeService):
         )
 
     async def _export_zip_get(self, request: Request) -> Response:
-        """A job's zip, with ranges; `export_cut_at` drops every transfer of it there."""
+        """A job's zip, with ranges; `export_cut_at` drops every transfer that reaches it."""
         self.log.record("export-zip", request)
         refusal = self._cdn_refusal(request)
         if refusal is not None:
@@ -587,8 +587,9 @@ class ScenarioFake(FakeService):
         )
         if self.export_cut_at is not None and isinstance(response, StreamingResponse):
             first = response.headers.get("content-range", "bytes 0-").split()[1].split("-")[0]
-            keep = max(0, int(len(data) * self.export_cut_at) - int(first))
-            response.body_iterator = _cut_short(response.body_iterator, keep)
+            cut = int(len(data) * self.export_cut_at)
+            if int(first) <= cut:  # a transfer that reaches the point drops there
+                response.body_iterator = _cut_short(response.body_iterator, cut - int(first))
         return response
 
 

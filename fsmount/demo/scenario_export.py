@@ -66,7 +66,7 @@ class ExportJob:
             return self._zip
 
 
-class _Unseekable(io.RawIOBase):
+class Unseekable(io.RawIOBase):
     """An output zipfile cannot seek back in: it then writes data descriptors, as a server
     streaming an archive to its client (or to object storage) does."""
 
@@ -82,7 +82,7 @@ class _Unseekable(io.RawIOBase):
 
 
 def streamed_zip(entries: Sequence[tuple[str, bytes]]) -> bytes:
-    out = _Unseekable()
+    out = Unseekable()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, data in entries:
             archive.writestr(name, data)

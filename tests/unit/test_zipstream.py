@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from fsmount import zipstream
+from fsmount.demo.scenario_export import Unseekable
 
 FILES = {
     "asset_a.png": random.Random(1).randbytes(70_000),
@@ -23,18 +24,6 @@ FILES = {
     "dir/asset_c.glb": b"",
     "asset_d\u00e9.mp4": random.Random(2).randbytes(3_000),
 }
-
-
-class _Unseekable(io.RawIOBase):
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: bytes) -> int:  # type: ignore[override]
-        self.data += data
-        return len(data)
 
 
 def make_zip(
@@ -45,12 +34,12 @@ def make_zip(
     comment: bytes = b"",
 ) -> bytes:
     """An archive as a streaming writer makes it (data descriptors), or a seekable one."""
-    out: _Unseekable | io.BytesIO = _Unseekable() if streamed else io.BytesIO()
+    out: Unseekable | io.BytesIO = Unseekable() if streamed else io.BytesIO()
     with zipfile.ZipFile(out, "w", method) as archive:
         archive.comment = comment
         for name, data in files.items():
             archive.writestr(name, data)
-    return bytes(out.data) if isinstance(out, _Unseekable) else out.getvalue()
+    return bytes(out.data) if isinstance(out, Unseekable) else out.getvalue()
 
 
 def directory_of(data: bytes, tail: int = zipstream.TAIL) -> list[zipstream.Entry]:
@@ -58,6 +47,22 @@ def directory_of(data: bytes, tail: int = zipstream.TAIL) -> list[zipstream.Entr
     return zipstream.parse_directory(
         data[directory.offset : directory.offset + directory.length], directory
     )
+
+
+def collecting(
+    wanted: list[zipstream.Entry], start: int
+) -> tuple[dict[str, bytes], dict[str, str], zipstream.EntryReader]:
+    """A reader of the wanted entries from `start`, and what it found and rejected (so far)."""
+    found: dict[str, bytes] = {}
+    rejected: dict[str, str] = {}
+
+    async def on_found(entry: zipstream.Entry, body: bytes) -> None:
+        found[entry.name] = body
+
+    async def on_rejected(entry: zipstream.Entry, reason: str) -> None:
+        rejected[entry.name] = reason
+
+    return found, rejected, zipstream.EntryReader(wanted, start, on_found, on_rejected)
 
 
 def read(
@@ -70,16 +75,7 @@ def read(
     directory = zipstream.find_directory(data[-zipstream.TAIL :], len(data))
     chosen = [e for e in entries if wanted is None or e.name in wanted]
     start, end = zipstream.span(entries, chosen, directory)
-    found: dict[str, bytes] = {}
-    rejected: dict[str, str] = {}
-
-    async def on_found(entry: zipstream.Entry, body: bytes) -> None:
-        found[entry.name] = body
-
-    async def on_rejected(entry: zipstream.Entry, reason: str) -> None:
-        rejected[entry.name] = reason
-
-    reader = zipstream.EntryReader(chosen, start, on_found, on_rejected)
+    found, rejected, reader = collecting(chosen, start)
 
     async def main() -> None:
         sizes = list(pieces)
@@ -171,16 +167,7 @@ def test_an_entry_that_holds_more_or_less_than_it_states_is_rejected() -> None:
     listing = bytearray(data[directory.offset : directory.offset + directory.length])
     struct.pack_into("<L", listing, 24, entries[0].size - 1)  # its size, in the directory
     lying = zipstream.parse_directory(bytes(listing), directory)
-    found: dict[str, bytes] = {}
-    rejected: dict[str, str] = {}
-
-    async def on_found(entry: zipstream.Entry, body: bytes) -> None:
-        found[entry.name] = body
-
-    async def on_rejected(entry: zipstream.Entry, reason: str) -> None:
-        rejected[entry.name] = reason
-
-    reader = zipstream.EntryReader(lying, 0, on_found, on_rejected)
+    found, rejected, reader = collecting(lying, 0)
     trio.run(reader, data[: directory.offset])
     assert rejected == {
         entries[0].name: f"it holds more than the {entries[0].size - 1:,} bytes it states"
