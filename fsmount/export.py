@@ -244,17 +244,16 @@ class BatchExport:
         send: Send,
     ) -> list[_Native]:
         stat, tail = await self._storage.tail(blob, zipstream.TAIL)
-        await send({"event": "download", "job": number, "jobs": jobs, "total": stat.size})
-        await send({"event": "bytes", "count": len(tail)})
         directory = zipstream.find_directory(tail, stat.size)
         if directory.length > _DIRECTORY_MAX:
             raise ExportError(f"export {job_id}: a zip directory of {directory.length:,} bytes")
         tail_start = stat.size - len(tail)
-        if directory.offset >= tail_start:
-            listing = tail[directory.offset - tail_start :][: directory.length]
-        else:
+        before = max(0, tail_start - directory.offset)  # directory bytes before the tail
+        if before:
             listing = await self._read(blob, directory.offset, tail_start, stat.etag)
-            listing += tail[: directory.length - len(listing)]
+            listing += tail[: directory.length - before]
+        else:
+            listing = tail[directory.offset - tail_start :][: directory.length]
         entries = zipstream.parse_directory(listing, directory)
         chosen = await self._match(job_id, entries, natives, send)
         stored: list[_Native] = []
@@ -268,6 +267,11 @@ class BatchExport:
             await _warn(send, f"export {job_id}: skipped {entry.name}: {reason}")
 
         start, end = zipstream.span(entries, chosen, directory)
+        fetched = len(tail) + before
+        await send(
+            {"event": "download", "job": number, "jobs": jobs, "total": fetched + end - start}
+        )
+        await send({"event": "bytes", "count": fetched})
         reader = zipstream.EntryReader(chosen, start, found, rejected)
 
         async def sink(piece: bytes) -> None:

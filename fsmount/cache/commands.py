@@ -577,6 +577,7 @@ class _BatchClient:
         progress = _progress_bar()
         with progress:
             task = progress.add_task("export: listing", total=None)
+            job = ""
             for event in status.control(self._mountpoint, request, idle=_CONTROL_IDLE):
                 kind = event.get("event")
                 if kind == "plan":
@@ -591,6 +592,10 @@ class _BatchClient:
                     )
                 elif kind == "job":
                     where = f"export {event.get('job')}/{event.get('jobs')}"
+                    if where != job:  # a new job: a bar of its own (rich cannot unset a total)
+                        job = where
+                        progress.remove_task(task)
+                        task = progress.add_task(where, total=None)
                     progress.update(task, description=f"{where}: {event.get('status')}")
                 elif kind == "download":
                     where = f"export {event.get('job')}/{event.get('jobs')}"
