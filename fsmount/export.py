@@ -102,7 +102,7 @@ class BatchExport:
         """`{"paths": [...], "yes": bool, "batch_size": int}`, paths relative to the mount.
 
         Events: `plan` (what was found), `cost` (of all jobs, from their dry runs) or, when it
-        is not accepted, `refused` and the end; per job `job` (each status) and `download`
+        is not accepted, `refused` and the end; per job `job` (every status answer), `download`
         (the zip's size), `bytes` as they arrive, `warning`s; last `done` (what was stored,
         and the paths left to the per-file path) or `error` (one line).
         """
@@ -216,15 +216,13 @@ class BatchExport:
             raise ExportError(f"the zip of export {job_id} cannot be read: {exc}") from None
 
     async def _wait(self, job_id: str, number: int, jobs: int, send: Send) -> str:
-        """Poll the job until it is done; its download URL. Each new status is an event."""
+        """Poll the job until it is done; its download URL. Every answer is an event, so the
+        client hears from the mount at least every `_POLL_MAX` seconds however long it takes."""
         deadline = trio.current_time() + _JOB_DEADLINE
         delay = _POLL_FIRST
-        seen = None
         while True:
             status, url = await self._scenario.export_status(job_id)
-            if status != seen:
-                seen = status
-                await send({"event": "job", "job": number, "jobs": jobs, "status": status})
+            await send({"event": "job", "job": number, "jobs": jobs, "status": status})
             if status == EXPORT_SUCCEEDED and url is not None:
                 return url
             if status in EXPORT_FAILED:
