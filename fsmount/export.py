@@ -103,8 +103,8 @@ class BatchExport:
 
         Events: `plan` (what was found), `cost` (of all jobs, from their dry runs) or, when it
         is not accepted, `refused` and the end; per job `job` (every status answer), `download`
-        (the zip's size), `bytes` as they arrive, `warning`s; last `done` (what was stored,
-        and the paths left to the per-file path) or `error` (one line).
+        (how many bytes of the zip it reads), `bytes` as they arrive, `warning`s; last `done`
+        (what was stored, and the paths left to the per-file path) or `error` (one line).
         """
         try:
             await self._run(request, send)
