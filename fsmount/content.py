@@ -185,9 +185,8 @@ class Content:
             etag = st.etag or self._etags.get(ident)
             await self._storage.fetch(blob, start, end, etag, sink, pin)
 
-        version = blob.version or st.etag or ""
         try:
-            return await self._blocks.read(f"{blob.key}@{version}", st.size, offset, length, fetch)
+            return await self._blocks.read(block_key(blob, st), st.size, offset, length, fetch)
         except ContentChanged:
             self.forget(blob)  # the next open learns the current size/version afresh
             raise
@@ -215,6 +214,12 @@ class Content:
 
 def _stored_stat(stored: dict[str, Any]) -> BlobStat:
     return BlobStat(stored["size"], stored["mtime"], stored.get("etag"))
+
+
+def block_key(blob: RemoteBlob, st: BlobStat) -> str:
+    """What the block store keeps a blob's bytes under: the object and its version (a batch
+    export stores under it too, so that a later read finds what the export brought)."""
+    return f"{blob.key}@{blob.version or st.etag or ''}"
 
 
 def _identity(blob: RemoteBlob) -> str:

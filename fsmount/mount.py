@@ -15,9 +15,10 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio
@@ -39,6 +40,9 @@ from fsmount.transfer import (
     redact,
 )
 from fsmount.tree import Directory, TreeContext
+
+if TYPE_CHECKING:
+    from fsmount.sources.scenario import Scenario
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +143,7 @@ async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> Non
             ctx = TreeContext(metadata.first_seen_many, listing_ttl=cfg.dir_cache_time)
 
             services: list[Directory] = []
+            exports: Scenario | None = None  # what `fsmount cache prefetch --batch` asks
             apis: list[ApiClient] = []
             token = grand_challenge_token_source(cfg)
             if token is not None:
@@ -171,6 +176,7 @@ async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> Non
                 sc = Scenario(api, ctx, project=cfg.scenario_project)
                 await sc.check()
                 services.append(sc.directory())
+                exports = sc
             if not services:
                 raise StartupError(
                     "nothing to mount: configure a Grand Challenge token or Scenario credentials"
@@ -182,20 +188,27 @@ async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> Non
             root = Directory(
                 "", ctx, children=services, xattrs={"services": names}, mtime=root_time
             )
+            content = Content(storage, blocks, metadata)
             ops = Operations(
                 root,
-                Content(storage, blocks, metadata),
+                content,
                 request_deadline=cfg.timeout + 15,
                 inode_budget=cfg.max_entries,
             )
             ctx.replaced = ops.replaced
+            commands: dict[str, status.Command] = {}
+            if exports is not None:
+                from fsmount.export import BatchExport
+
+                batch = BatchExport(root, exports, storage, content, blocks)
+                commands["batch-prefetch"] = batch.run
             collect = status_collector(mountpoint, cache_dir, blocks, stats, apis, ops)
             metrics: list[trio.SocketListener] = []
             if cfg.metrics_port is not None:  # bound now: a port in use fails before mounting
                 metrics = await status.open_metrics_listeners(cfg.metrics_port)
                 for listener in metrics:
                     stack.push_async_callback(listener.aclose)
-            await _run_fuse(ops, cfg, mountpoint, signals, ctx, ready, collect, metrics)
+            await _run_fuse(ops, cfg, mountpoint, signals, ctx, ready, collect, metrics, commands)
 
 
 def status_collector(
@@ -249,6 +262,7 @@ async def _run_fuse(
     ready: Callable[[], None],
     collect: status.Collect,
     metrics: Sequence[trio.SocketListener],
+    commands: Mapping[str, status.Command],
 ) -> None:
     try:
         pyfuse3.init(ops, str(mountpoint), fuse_options(cfg))
@@ -283,7 +297,9 @@ async def _run_fuse(
 
             nursery.start_soon(on_signals)
             # Before READY=1, so `fsmount status` answers as soon as the mount is announced.
-            await nursery.start(status.serve_status, status.socket_path(mountpoint), collect)
+            status_socket = status.socket_path(mountpoint)
+            await nursery.start(status.serve_status, status_socket, collect)
+            await nursery.start(status.serve_control, status.control_path(status_socket), commands)
             if metrics:
                 nursery.start_soon(status.serve_metrics_on, metrics, collect)
             nursery.start_soon(announce)

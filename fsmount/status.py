@@ -41,6 +41,11 @@ different environment is still found. The mount point is made absolute and its p
 directory's symlinks are resolved, never the mount point itself: resolving it would ask the
 filesystem, which from inside the mount process deadlocks. Directories are created 0700 and
 the socket is 0600: only its owner (and root) can ask.
+
+Beside it, `<same digits>.ctl` is the control socket, for work only the mount can do (see
+`serve_control`): `fsmount cache prefetch --batch` asks the mount to run Scenario exports into
+its own block cache. It is 0600 too, which matters more here: whoever can ask could spend the
+account's credits.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -69,8 +74,15 @@ log = logging.getLogger(__name__)
 Collect = Callable[[], dict[str, Any]]
 """Returns the status document above; called once per status or metrics request."""
 
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+"""Sends one event (a JSON object) to the client of a control command."""
+Command = Callable[[dict[str, Any], Send], Awaitable[None]]
+"""A control command: gets the client's request and sends it events until it is done."""
+
 RUNTIME_DIR_ENV = "FSMOUNT_RUNTIME_DIR"
 SOCKET_SUFFIX = ".sock"
+CONTROL_SUFFIX = ".ctl"  # no longer than SOCKET_SUFFIX, so it fits wherever the status socket does
+_MAX_REQUEST_LINE = 1 << 20  # a control request: a command and its arguments (paths)
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes, NUL included
 _CLIENT_DEADLINE = 10.0  # seconds a status or metrics client may take before it is dropped
 _MAX_REQUEST_HEAD = 8192
@@ -135,6 +147,11 @@ def socket_path(mountpoint: Path, environ: Mapping[str, str] | None = None) -> P
     return candidates[-1] / name  # the cache fallback; serve_status creates it
 
 
+def control_path(status_socket: Path) -> Path:
+    """The control socket of the mount whose status socket is `status_socket`: beside it."""
+    return status_socket.with_suffix(CONTROL_SUFFIX)
+
+
 def running_mounts(owner: int | None = None, mountinfo: str = "/proc/self/mountinfo") -> list[Path]:
     """Mount points of fsmount mounts (type `fuse.fsmount`), optionally only `owner`'s."""
     found: list[Path] = []
@@ -191,17 +208,52 @@ async def serve_status(
     `task_status.started` reports the path once connections are accepted, or None when the
     socket cannot be made: that is logged, and the mount carries on without a status.
     """
+    await _serve_unix(
+        socket_path,
+        partial(_answer, _answer_status, collect),
+        "no status socket (fsmount status will not work)",
+        task_status,
+    )
+
+
+async def serve_control(
+    socket_path: Path,
+    commands: Mapping[str, Command],
+    *,
+    task_status: trio.TaskStatus[Path | None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the commands clients ask for on `socket_path`, until cancelled.
+
+    A client sends one request, a JSON object on one line: `{"command": NAME, ...}`. The
+    command answers with events, one JSON object a line, and the connection closes when it is
+    done; a failure is the event `{"event": "error", "message": ...}`. Commands may run for
+    minutes, so there is no deadline beyond the request's own; a client that hangs up cancels
+    its command. The socket is made and removed as the status socket is.
+    """
+    await _serve_unix(
+        socket_path,
+        partial(_run_command, commands),
+        "no control socket (fsmount cache prefetch --batch will not work)",
+        task_status,
+    )
+
+
+async def _serve_unix(
+    socket_path: Path,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    unavailable: str,
+    task_status: trio.TaskStatus[Path | None],
+) -> None:
+    """Serve `handler` on a Unix socket bound at `socket_path` (see `serve_status`)."""
     try:
         sock, inode = await _bind_status_socket(socket_path)
     except OSError as exc:
-        log.warning("no status socket (fsmount status will not work): %s", exc)
+        log.warning("%s: %s", unavailable, exc)
         task_status.started(None)
         return
     try:
         task_status.started(socket_path)
-        await trio.serve_listeners(
-            partial(_answer, _answer_status, collect), [trio.SocketListener(sock)]
-        )
+        await trio.serve_listeners(handler, [trio.SocketListener(sock)])
     finally:
         with contextlib.suppress(OSError):
             if os.stat(socket_path).st_ino == inode:
@@ -245,6 +297,63 @@ async def _answer(
 async def _answer_status(stream: trio.SocketStream, collect: Collect) -> None:
     body = json.dumps(_document(collect), separators=(",", ":")) + "\n"
     await stream.send_all(body.encode())
+
+
+async def _run_command(commands: Mapping[str, Command], stream: trio.SocketStream) -> None:
+    """One control client: its request, then its command, cancelled if the client hangs up."""
+
+    async def send(event: dict[str, Any]) -> None:
+        await stream.send_all(json.dumps(event, separators=(",", ":")).encode() + b"\n")
+
+    async with stream:
+        try:
+            with trio.fail_after(_CLIENT_DEADLINE):
+                request, rest = await _read_line(stream)
+            document = json.loads(request)
+            name = document.get("command") if isinstance(document, dict) else None
+            command = commands.get(name) if isinstance(name, str) else None
+            if rest or command is None:
+                await send({"event": "error", "message": "this mount does not know that command"})
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_hangup, stream, nursery.cancel_scope)
+                try:
+                    await command(document, send)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    log.debug("control client went away: %s", exc)
+                except Exception:
+                    log.exception("control command %s failed", name)
+                    failed = {"event": "error", "message": "the mount failed (its log says why)"}
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await send(failed)
+                finally:
+                    nursery.cancel_scope.cancel()
+        except (trio.TooSlowError, ValueError) as exc:
+            log.debug("bad control request: %r", exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("control client went away: %s", exc)
+
+
+async def _cancel_on_hangup(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    """Cancel `scope` when the client hangs up (it sends nothing after its request)."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        while await stream.receive_some(4096):
+            pass
+    scope.cancel()
+
+
+async def _read_line(stream: trio.SocketStream) -> tuple[bytes, bytes]:
+    """The first line the client sends (without its newline), and whatever came after it."""
+    data = b""
+    while b"\n" not in data:
+        if len(data) > _MAX_REQUEST_LINE:
+            raise ValueError("control request too long")
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise ValueError("control request cut short")
+        data += chunk
+    line, _, rest = data.partition(b"\n")
+    return line, rest
 
 
 async def open_metrics_listeners(port: int, host: str = "127.0.0.1") -> list[trio.SocketListener]:
@@ -375,6 +484,41 @@ def query(mountpoint: Path, timeout: float = 5) -> dict[str, Any]:
     if "error" in document:
         raise StatusError(f"the mount at {mountpoint}: {document['error']}")
     return document
+
+
+def control(
+    mountpoint: Path, request: Mapping[str, Any], *, idle: float
+) -> Iterator[dict[str, Any]]:
+    """Send `request` to the mount's control socket; yield the events it answers, until it
+    closes the connection. StatusError when the mount cannot be asked, says nothing for `idle`
+    seconds, or sends something that is not an event. Closing the generator hangs up, which
+    cancels the command in the mount."""
+    path = control_path(find_socket(mountpoint))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(idle)
+        try:
+            sock.connect(os.fspath(path))
+            sock.sendall(json.dumps(dict(request)).encode() + b"\n")
+            pending = b""
+            while chunk := sock.recv(65536):
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    event = json.loads(line)
+                    if not isinstance(event, dict):
+                        raise ValueError(line)
+                    yield event
+            if pending:
+                raise ValueError(pending)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise StatusError(
+                f"the mount at {mountpoint} takes no commands (is it running a current fsmount?)"
+            ) from None
+        except TimeoutError:
+            raise StatusError(f"the mount at {mountpoint} said nothing for {idle:g}s") from None
+        except OSError as exc:
+            raise StatusError(f"cannot ask the mount at {mountpoint}: {exc.strerror}") from None
+        except ValueError:
+            raise StatusError(f"the mount at {mountpoint} sent a garbled answer") from None
 
 
 def command(mountpoints: Sequence[str], *, as_json: bool = False, out: TextIO | None = None) -> int:

@@ -417,6 +417,39 @@ class Storage:
         assert result is not None
         return result
 
+    async def tail(self, blob: RemoteBlob, length: int) -> tuple[BlobStat, bytes]:
+        """The blob's last `length` bytes (all of it when shorter), with its size and ETag,
+        from one suffix-range GET: where a zip archive keeps its directory.
+
+        A storage that ignores Range sends the whole object; only its end is kept, so memory
+        stays bounded by `length` either way.
+        """
+        found: tuple[BlobStat, bytes] | None = None
+
+        async def keep_end(response: httpx.Response) -> bool:
+            nonlocal found
+            if response.status_code not in (200, 206):
+                return False
+            total = response.headers.get("Content-Range", "").rpartition("/")[2]
+            if response.status_code == 206 and not total.isdigit():
+                raise FetchError.eio(f"{blob.description}: no total size in Content-Range")
+            end, received = bytearray(), 0
+            async for chunk in response.aiter_raw():
+                self._stats.bytes_fetched += len(chunk)
+                received += len(chunk)
+                end += chunk
+                del end[:-length]
+            size = int(total) if response.status_code == 206 else received
+            if len(end) != min(length, size):
+                raise httpx.RemoteProtocolError("body ended early")
+            found = BlobStat(size, _last_modified(response), _etag(response)), bytes(end)
+            return True
+
+        suffix = {"Range": f"bytes=-{length}", "Accept-Encoding": "identity"}
+        await self._exchange(blob, suffix, keep_end, f"last {length} bytes")
+        assert found is not None
+        return found
+
     async def fetch(
         self,
         blob: RemoteBlob,

@@ -435,6 +435,33 @@ class BlockStore:
             return parts[0]  # a whole block (the kernel's 1 MiB reads), or early bytes: no copy
         return b"".join(parts)
 
+    async def holds(self, key: str, size: int) -> bool:
+        """Whether every block of the object is on disk: then a batch fill has nothing to bring
+        (blocks only in memory do not count, they may be gone by the time they are read)."""
+        digest = _digest(self._block_size, key)
+        present = all(
+            self._stored(self._ref(digest, size, index))
+            for index in range(-(-size // self._block_size))
+        )
+        await self._trim()  # the check may have found blocks this process did not count
+        return present
+
+    async def put(self, key: str, data: bytes) -> None:
+        """Keep `data`, all of the object named by `key`, as reads of it would have: for bytes
+        that came another way (a Scenario batch export) and were checked by the caller.
+
+        Blocks on disk or being downloaded stay as they are; the budget, the free-space floor
+        and eviction apply as to any download.
+        """
+        if self._closed:
+            raise RuntimeError("BlockStore is closed")
+        await self._start_service()
+        digest = _digest(self._block_size, key)
+        for index in range(-(-len(data) // self._block_size)):
+            ref = self._ref(digest, len(data), index)
+            if ref.name not in self._flights and not self._stored(ref):
+                await self._store(ref, data[ref.start : ref.end])
+
     def stats(self) -> CacheStats:
         """A snapshot of what this store holds and has done."""
         return CacheStats(
@@ -969,7 +996,12 @@ class BlockStore:
 
     def _present(self, ref: _Ref) -> bool:
         """Whether a block is in memory, being fetched, or on disk (a stat: ~2 µs)."""
-        if ref.name in self._flights or ref.name in self._memory or ref.name in self._index:
+        return ref.name in self._flights or ref.name in self._memory or self._stored(ref)
+
+    def _stored(self, ref: _Ref) -> bool:
+        """Whether a block is on disk, as far as this process knows (a stat until the first
+        scan is done; a file found is adopted)."""
+        if ref.name in self._index:
             return True
         if ref.name in self._doomed or self._index_complete:
             return False  # a complete index knows this process's blocks (others': next scan)

@@ -8,7 +8,10 @@ inside a mount process; they are read from a running mount's status socket when 
 `prefetch` reads through a running mount rather than downloading by itself: only a mount
 knows how a path maps to a remote object, its version and its size, so reading every byte
 through it fills the cache with exactly the blocks a later reader will look for, under that
-mount's budget and single-flight rules.
+mount's budget and single-flight rules. `prefetch --batch` asks the mount itself, over its
+control socket, to bring Scenario native files through batch export jobs (fsmount/export.py);
+the mount answers with events this side shows on the same progress bar, then the files it
+could not bring are read through the mount as above.
 
 Exit codes: 0 done; 1 the command failed (cache in use, unreadable directory, a file that
 could not be prefetched); 2 bad arguments (also argparse's own code).
@@ -48,6 +51,7 @@ BLOCKS = "blocks"  # where the mount keeps its BlockStore, below the cache direc
 METADATA = "metadata.sqlite"  # the mount's MetadataStore (SQLite adds -wal and -shm beside it)
 _READ_SIZE = 1 << 20  # bytes per read(2): one cache block, so each read is one block lookup
 _STATUS_TIMEOUT = 2.0  # seconds a mount may take to answer a status query
+_CONTROL_IDLE = 300.0  # seconds a mount may go silent during a batch prefetch
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +120,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="read files or whole directories through a running mount into its cache",
         description="Read every byte of the files below each PATH through the running fsmount"
         " mount that PATH is on, so that later reads are served from the cache.",
-        epilog="exit status: 0 every file was read; 1 some failed (each is named);"
-        " 2 a PATH does not exist or is not on an fsmount mount",
+        epilog="exit status: 0 every file was read; 1 some failed (each is named), or an"
+        " export failed or was not accepted; 2 a PATH does not exist or is not on an fsmount"
+        " mount (or, with --batch, not under scenario/)",
     )
     prefetch.add_argument("paths", nargs="+", metavar="PATH", help="file or directory to fetch")
+    prefetch.add_argument(
+        "--batch",
+        action="store_true",
+        help="scenario/ paths only: bring their native files through Scenario batch export"
+        " jobs (one zip per job) after showing what the jobs cost; converted formats are"
+        " left to the per-file path",
+    )
+    prefetch.add_argument(
+        "--yes",
+        action="store_true",
+        help="with --batch: accept the jobs' cost in creative units (without it, a cost above"
+        " zero stops the command before any job starts)",
+    )
+    prefetch.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        metavar="N",
+        help="with --batch: assets per export job (default and most: 1000)",
+    )
     prefetch.add_argument(
         "-j",
         "--jobs",
@@ -305,6 +329,11 @@ def prefetch(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.cache_dir is not None:
         _check_cache_dir(locate(args), roots)
+    if args.batch:
+        return _batch_prefetch(roots, args)
+    if args.yes or args.batch_size is not None:
+        _error("--yes and --batch-size only go with --batch")
+        return EXIT_USAGE
     return _Prefetcher(args.jobs).run(roots)
 
 
@@ -487,6 +516,130 @@ class _Prefetcher:
         return offset
 
 
+# -- prefetch --batch ---------------------------------------------------------------------------
+
+
+def _batch_prefetch(roots: list[Path], args: argparse.Namespace) -> int:
+    """Ask each mount the roots are on to export their Scenario native files (all roots are
+    checked first, as for a plain prefetch)."""
+    from fsmount.sources.scenario import ROOT
+
+    by_mount: dict[Path, list[str]] = {}
+    for root in roots:
+        mountpoint = _mount_point(root)
+        relative = root.relative_to(mountpoint).as_posix()
+        if relative.split("/")[0] != ROOT:
+            _error(f"{root} is not under {mountpoint / ROOT}: --batch exports Scenario files only")
+            return EXIT_USAGE
+        by_mount.setdefault(mountpoint, []).append(relative)
+    return max(_BatchClient(mountpoint, args).run(paths) for mountpoint, paths in by_mount.items())
+
+
+class _BatchClient:
+    """One `batch-prefetch` request to one mount: shows its events, then reads through the
+    mount the native files the export could not bring."""
+
+    def __init__(self, mountpoint: Path, args: argparse.Namespace) -> None:
+        self._mountpoint = mountpoint
+        self._args = args
+        self._plan: dict[str, Any] = {}
+        self._warnings: list[str] = []
+
+    def run(self, paths: list[str]) -> int:
+        started = time.monotonic()
+        request: dict[str, Any] = {"command": "batch-prefetch", "paths": paths}
+        request["yes"] = self._args.yes
+        if self._args.batch_size is not None:
+            request["batch_size"] = self._args.batch_size
+        try:
+            outcome = self._follow(request)
+        except status.StatusError as exc:
+            _error(str(exc))
+            return EXIT_FAILED
+        except KeyboardInterrupt:  # hanging up cancels the export in the mount
+            _error("interrupted")
+            return EXIT_INTERRUPTED
+        for warning in self._warnings:
+            _warn(warning)
+        if outcome.get("event") == "refused":
+            _error(
+                f"exporting {self._plan.get('export', 0):,} files costs"
+                f" {outcome.get('cost', 0):g} creative units: run again with --yes to accept"
+            )
+            return EXIT_FAILED
+        if outcome.get("event") != "done":
+            _error(str(outcome.get("message") or f"the mount at {self._mountpoint} gave up"))
+            return EXIT_FAILED
+        return self._report(outcome, time.monotonic() - started)
+
+    def _follow(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send the request and show its events; the last one (`done`, `refused`, `error`)."""
+        progress = _progress_bar()
+        with progress:
+            task = progress.add_task("export: listing", total=None)
+            job = ""
+            for event in status.control(self._mountpoint, request, idle=_CONTROL_IDLE):
+                kind = event.get("event")
+                if kind == "plan":
+                    self._plan = event
+                    self._announce(event)
+                elif kind == "cost":
+                    jobs = self._plan.get("jobs", 0)
+                    print(
+                        f"export cost: {event.get('cost', 0):g} creative units for"
+                        f" {self._plan.get('export', 0):,} files in {jobs:,} job{_s(jobs)}",
+                        flush=True,
+                    )
+                elif kind == "job":
+                    where = f"export {event.get('job')}/{event.get('jobs')}"
+                    if where != job:  # a new job: a bar of its own (rich cannot unset a total)
+                        job = where
+                        progress.remove_task(task)
+                        task = progress.add_task(where, total=None)
+                    progress.update(task, description=f"{where}: {event.get('status')}")
+                elif kind == "download":
+                    where = f"export {event.get('job')}/{event.get('jobs')}"
+                    progress.reset(task, description=f"{where}: zip", total=event.get("total"))
+                elif kind == "bytes":
+                    progress.advance(task, event.get("count", 0))
+                elif kind == "warning":
+                    self._warnings.append(str(event.get("message")))
+                elif kind in ("done", "refused", "error"):
+                    return event
+        raise status.StatusError(f"the mount at {self._mountpoint} stopped answering")
+
+    def _announce(self, plan: dict[str, Any]) -> None:
+        if plan.get("bytes", 0) > plan.get("budget", float("inf")):
+            self._warnings.append(
+                f"the files take {format_size(plan['bytes'])}, more than the cache's budget"
+                f" of {format_size(plan['budget'])}: the last ones evict the first"
+            )
+
+    def _report(self, done: dict[str, Any], elapsed: float) -> int:
+        plan = self._plan
+        jobs = plan.get("jobs", 0)
+        stored = done.get("bytes", 0)
+        print(
+            f"exported {done.get('stored', 0):,} of {plan.get('export', 0):,} native files"
+            f" in {jobs:,} job{_s(jobs)}: {format_size(stored)} in {elapsed:.1f} s"
+            + (f"; {plan['cached']:,} were cached already" if plan.get("cached") else "")
+        )
+        if plan.get("converted"):
+            print(
+                f"left {plan['converted']:,} converted files to the per-file path"
+                " (fsmount cache prefetch without --batch reads them)"
+            )
+        per_file = [self._mountpoint / path for path in done.get("per_file", [])]
+        if not per_file:
+            return 0
+        print(f"reading {len(per_file):,} native file{_s(len(per_file))} one by one", flush=True)
+        return _Prefetcher(self._args.jobs).run(per_file)
+
+
+def _s(count: int) -> str:
+    return "" if count == 1 else "s"
+
+
 def _progress_bar() -> Progress:
     """Bytes, rate and time left on stderr; nothing when stderr is not a terminal (the
     summary line says what was done). Imported here: rich takes a while to load."""
@@ -537,6 +690,15 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _batch_size(text: str) -> int:
+    from fsmount.sources.scenario import EXPORT_LIMIT
+
+    value = _positive_int(text)
+    if value > EXPORT_LIMIT:
+        raise argparse.ArgumentTypeError(f"at most {EXPORT_LIMIT}: {text!r}")
     return value
 
 

@@ -23,24 +23,26 @@ import hashlib
 import hmac
 import itertools
 import json
+import math
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from fsmount.demo.httpcommon import (
     FakeService,
     FaultInjector,
+    InjectedCut,
     RequestLog,
     RunningServer,
     TlsFiles,
@@ -50,6 +52,7 @@ from fsmount.demo.httpcommon import (
     range_response,
     start_server,
 )
+from fsmount.demo.scenario_export import OUTCOMES, EntriesHook, ExportJob, entry_names
 from fsmount.demo.scenario_samples import (
     FORMAT_ALIASES,
     FORMAT_MIME,
@@ -58,6 +61,7 @@ from fsmount.demo.scenario_samples import (
     SampleAsset,
     ScenarioSamples,
     accepted_formats,
+    fake_id,
 )
 
 DEMO_KEY = "demo-key-" + hashlib.sha256(b"fsmount demo: scenario key").hexdigest()[:24]
@@ -66,9 +70,23 @@ KEY_PAIR_ID = "K2SCNDEMO7Q4ZD"
 DEFAULT_URL_EXPIRY = 24 * 3600.0  # the shortest lifetime real Scenario CDN URLs have
 # (default, maximum) pageSize per listing, from the SDK's parameter docs
 ASSET_PAGE, COLLECTION_PAGE, MODEL_PAGE = (50, 100), (10, 100), (100, 500)
-REQUEST_KINDS = ("assets", "asset", "download", "collections", "models", "models-bulk", "cdn")
+REQUEST_KINDS = (
+    "assets",
+    "asset",
+    "download",
+    "collections",
+    "models",
+    "models-bulk",
+    "cdn",
+    "export",  # POST /assets/download: a batch download job, or its dry run
+    "export-status",  # GET /assets/download/{jobId}
+    "export-zip",  # the job's zip, on the CDN
+)
+EXPORT_LIMIT = 1000  # assets per batch download job, as the SDK documents
+DRY_RUN_STATUS = 269  # the answer to `dryRun`, which the SDK counts as a success
 _SIGNATURE_PARAMS = frozenset({"Policy", "Signature", "Key-Pair-Id"})
 _CDN_PATH = re.compile(r"/(assets|assets-transform)/(asset_[1-9A-HJ-NP-Za-km-z]+)")
+_EXPORT_PATH = re.compile(r"/exports/(job_[1-9A-HJ-NP-Za-km-z]+)/[^/]+\.zip")
 
 _Row = TypeVar("_Row")
 _Handler = Callable[[Request], Awaitable[Response]]
@@ -120,6 +138,13 @@ class ScenarioFake(FakeService):
     `redirect_first_hit` (the CDN answers the first request of each URL with a 302 to another
     signed URL) and `cdn_hold` (seconds each CDN request is held, in flight, before it is
     answered: overlapping requests then show in `log.peak_in_flight("cdn")`).
+
+    Batch export knobs (`reset_export` puts them back), read when a job is created or its zip
+    served: `export_unit_cost` (creative units per asset; a dry run answers the total, rounded
+    up), `export_limit` (assets per job), `export_step` (seconds per status before the
+    outcome), `export_outcome` ("success", "failure" or "canceled"), `export_hook` (changes a
+    job's entries before they are zipped) and `export_cut_at` (a fraction of the zip: every
+    transfer of it that reaches that point drops the connection there).
     """
 
     def __init__(self, *, tls: TlsFiles | None = None) -> None:
@@ -131,6 +156,9 @@ class ScenarioFake(FakeService):
         self.url_expiry = DEFAULT_URL_EXPIRY
         self.redirect_first_hit = False
         self.cdn_hold = 0.0
+        self.reset_export()
+        self._jobs: dict[str, ExportJob] = {}
+        self._job_ids = itertools.count(1)
         self.ca_file: Path | None = tls.ca_file if tls else None
         self._signer = UrlSigner(hashlib.sha256(DEMO_SECRET.encode()).digest(), KEY_PAIR_ID)
         self._lock = threading.Lock()
@@ -160,6 +188,15 @@ class ScenarioFake(FakeService):
         """Every directory fsmount must show under `scenario/`, relative to it."""
         return self.samples.expected_dirs()
 
+    def reset_export(self) -> None:
+        """The export knobs back to a well-behaved service that charges for exports."""
+        self.export_unit_cost = 0.5
+        self.export_limit = EXPORT_LIMIT
+        self.export_step = 0.05
+        self.export_outcome = "success"
+        self.export_hook: EntriesHook | None = None
+        self.export_cut_at: float | None = None
+
     def visible_asset_ids(self) -> set[str]:
         """Ids of the assets a correct client shows (status success, not hidden, not deleted)."""
         return {asset.id for asset in self.samples.assets if asset.visible}
@@ -169,6 +206,15 @@ class ScenarioFake(FakeService):
     def _api_app(self) -> Starlette:
         routes = [
             Route("/v1/assets", self._endpoint("assets", self._list_assets)),
+            Route(
+                "/v1/assets/download",
+                self._endpoint("export", self._request_export),
+                methods=["POST"],
+            ),
+            Route(
+                "/v1/assets/download/{job_id}",
+                self._endpoint("export-status", self._export_status),
+            ),
             Route("/v1/assets/{asset_id}", self._endpoint("asset", self._get_asset)),
             Route(
                 "/v1/assets/{asset_id}/download",
@@ -374,10 +420,93 @@ class ScenarioFake(FakeService):
         found = [self.samples.model_json(m, minimal=minimal) for m in models if m is not None]
         return json_response({"models": found})
 
+    # ----------------------------------------------------------------- batch export
+
+    def _export_assets(self, query: Any) -> list[SampleAsset]:
+        """The assets a job's `query` names (ids, and every visible asset of the inferences and
+        models named), each once, in the order named; 400 for what cannot be exported."""
+        if not isinstance(query, dict):
+            raise _Refusal(400, "query is required")
+        lists = {}
+        for field in ("assetIds", "inferenceIds", "modelIds"):
+            value = query.get(field)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise _Refusal(400, f"query.{field} must be a list of ids")
+            lists[field] = value
+        if len(set(lists["assetIds"])) > self.export_limit:
+            raise _Refusal(400, f"Batch download is limited to {self.export_limit} assets")
+        chosen: dict[str, SampleAsset] = {}
+        for asset_id in lists["assetIds"]:
+            asset = self.samples.asset(asset_id)
+            if asset is None or asset.deleted_ms is not None:
+                raise _Refusal(400, f"Asset {asset_id} not found")
+            if asset.status != "success":
+                raise _Refusal(400, f"Asset {asset_id} is not downloadable")
+            chosen[asset.id] = asset
+        for asset in self.samples.assets:
+            if asset.visible and (
+                asset.inference_id in lists["inferenceIds"] or asset.model_id in lists["modelIds"]
+            ):
+                chosen.setdefault(asset.id, asset)
+        if not chosen:
+            raise _Refusal(400, "No asset to download")
+        if len(chosen) > self.export_limit:
+            raise _Refusal(400, f"Batch download is limited to {self.export_limit} assets")
+        return list(chosen.values())
+
+    async def _request_export(self, request: Request) -> Response:
+        """A batch download job (`{"jobId"}`), or with `dryRun` its cost (HTTP 269)."""
+        body = await self._json_body(request)
+        options = body.get("options")
+        template = options.get("fileNameTemplate") if isinstance(options, dict) else None
+        if not isinstance(template, str) or not template.strip():
+            raise _Refusal(400, "options.fileNameTemplate is required")
+        assets = self._export_assets(body.get("query"))
+        dry_run = request.query_params.get("dryRun")
+        if dry_run is not None:
+            if dry_run not in ("true", "api"):
+                raise _Refusal(400, "dryRun must be true or api")
+            cost = math.ceil(self.export_unit_cost * len(assets))
+            return json_response({"creativeUnitsCost": cost}, DRY_RUN_STATUS)
+        if self.export_outcome not in OUTCOMES:
+            raise ValueError(f"export_outcome must be one of {OUTCOMES}")
+        job_id = fake_id("job", f"export {next(self._job_ids)}")
+        archive = str(options.get("archiveName") or time.strftime("%Y%m%d") + "-export")
+        names = entry_names(self.samples, assets, template, flat=options.get("flat") is True)
+        job = ExportJob(
+            job_id,
+            assets,
+            names,
+            archive,
+            self.export_outcome,
+            self.export_step,
+            self.export_hook,
+        )
+        with self._lock:
+            self._jobs[job_id] = job
+        return json_response({"jobId": job_id})
+
+    async def _export_status(self, request: Request) -> Response:
+        """The job's status, and once it succeeded a freshly signed link to its zip."""
+        with self._lock:
+            job = self._jobs.get(request.path_params["job_id"])
+        if job is None:
+            raise _Refusal(404, "Job not found")
+        status = job.status()
+        body: dict[str, Any] = {"jobId": job.id, "jobStatus": status}
+        if status == "success":
+            body["downloadUrl"] = self._sign(f"/exports/{job.id}/{quote(job.archive)}.zip")
+        return json_response(body)
+
     # ----------------------------------------------------------------- CDN
 
     def _cdn_app(self) -> Starlette:
-        return Starlette(routes=[Route("/{path:path}", self._cdn_get, methods=["GET", "HEAD"])])
+        return Starlette(
+            routes=[
+                Route("/exports/{path:path}", self._export_zip_get, methods=["GET", "HEAD"]),
+                Route("/{path:path}", self._cdn_get, methods=["GET", "HEAD"]),
+            ]
+        )
 
     def _redirect(self, request: Request) -> Response | None:
         """With `redirect_first_hit`, a 302 to a freshly signed URL the first time a URL is used."""
@@ -400,14 +529,20 @@ class ScenarioFake(FakeService):
                 await anyio.sleep(self.cdn_hold)
             return await self._cdn_answer(request)
 
-    async def _cdn_answer(self, request: Request) -> Response:
+    def _cdn_refusal(self, request: Request) -> Response | None:
+        """What the CDN answers a request it will not serve: one with credentials, or without a
+        valid, unexpired signature."""
         if "authorization" in request.headers:  # S3's answer to a second auth mechanism
             return _xml_error(
                 400, "InvalidArgument", "Only one auth mechanism allowed; Authorization is not"
             )
         problem = self._signer.verify(str(request.url))
-        if problem is not None:
-            return access_denied(problem)
+        return None if problem is None else access_denied(problem)
+
+    async def _cdn_answer(self, request: Request) -> Response:
+        refusal = self._cdn_refusal(request)
+        if refusal is not None:
+            return refusal
         match = _CDN_PATH.fullmatch(request.url.path)
         asset = self.samples.asset(match.group(2)) if match else None
         if match is None or asset is None:
@@ -429,3 +564,40 @@ class ScenarioFake(FakeService):
             last_modified=asset.mtime,
             content_type="application/octet-stream" if asset.kind == "3d" else FORMAT_MIME[fmt],
         )
+
+    async def _export_zip_get(self, request: Request) -> Response:
+        """A job's zip, with ranges; `export_cut_at` drops every transfer that reaches it."""
+        self.log.record("export-zip", request)
+        refusal = self._cdn_refusal(request)
+        if refusal is not None:
+            return refusal
+        match = _EXPORT_PATH.fullmatch(request.url.path)
+        with self._lock:
+            job = self._jobs.get(match.group(1)) if match else None
+        if job is None or job.status() != "success":
+            return _xml_error(404, "NoSuchKey", "The specified key does not exist.")
+        data = await anyio.to_thread.run_sync(job.zip)
+        response = range_response(
+            request,
+            size=len(data),
+            read=lambda offset, length: data[offset : offset + length],
+            etag=hashlib.md5(data).hexdigest(),
+            last_modified=time.time() // 3600 * 3600,
+            content_type="application/zip",
+        )
+        if self.export_cut_at is not None and isinstance(response, StreamingResponse):
+            first = response.headers.get("content-range", "bytes 0-").split()[1].split("-")[0]
+            cut = int(len(data) * self.export_cut_at)
+            if int(first) <= cut:  # a transfer that reaches the point drops there
+                response.body_iterator = _cut_short(response.body_iterator, cut - int(first))
+        return response
+
+
+async def _cut_short(body: AsyncIterable[Any], keep: int) -> AsyncIterator[Any]:
+    """The first `keep` bytes of a streamed body, then a dropped connection."""
+    async for chunk in body:
+        if len(chunk) >= keep:
+            yield chunk[:keep]
+            raise InjectedCut("export zip")
+        keep -= len(chunk)
+        yield chunk

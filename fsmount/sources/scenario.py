@@ -3,6 +3,10 @@
 Reading a file asks the API for a signed URL for that format (`POST /assets/{id}/download`);
 the transfer layer reuses it until shortly before it expires. The native file's size and time
 come from the listing; converted formats' sizes are learned from the CDN.
+
+Native files can also come many at a time, through batch export jobs (`POST /assets/download`,
+scenario-api.md §4): what a job costs (a dry run), starting one, its status, and its zip as a
+Blob whose URL is the job's `downloadUrl`. `fsmount/export.py` drives them.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from fsmount.blob import RemoteBlob, SignedUrl
+from fsmount.blob import Blob, RemoteBlob, SignedUrl
 from fsmount.errors import FetchError, StartupError
 from fsmount.transfer import ApiClient, redact, url_expiry
 from fsmount.tree import (
@@ -31,6 +35,12 @@ log = logging.getLogger(__name__)
 ROOT = "scenario"
 PAGE = 100  # the API's maximum page size
 STARTUP_DEADLINE = 10.0
+EXPORT_LIMIT = 1000  # assets per batch export job
+# Entries named `<asset-id>.<ext>`, with no folders: each is matched back to its asset by id.
+EXPORT_OPTIONS = {"fileNameTemplate": "<id>", "flat": True, "preferOriginal": False}
+DRY_RUN_STATUS = 269  # a dry run's answer; anything else may mean a job was started
+EXPORT_SUCCEEDED = "success"
+EXPORT_FAILED = frozenset({"failure", "canceled"})
 FORMATS_BY_KIND = {
     "image": ("png", "jpg", "webp", "avif", "tif", "gif", "heif"),
     "3d": ("glb", "fbx", "obj"),
@@ -68,6 +78,19 @@ def _timestamp(text: Any) -> float | None:
         return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
+
+
+def _blob_key(asset_id: str, target: str | None) -> str:
+    return f"{ROOT}:{asset_id}:{target or 'native'}"
+
+
+def native_asset(blob: Blob | None) -> str | None:
+    """The asset whose native file `blob` is (what a batch export holds); None for a converted
+    format or anything not from Scenario."""
+    if not isinstance(blob, RemoteBlob):
+        return None
+    asset_id = blob.key.removeprefix(f"{ROOT}:").removesuffix(":native")
+    return asset_id if blob.key == _blob_key(asset_id, None) else None
 
 
 def is_visible(asset: dict[str, Any]) -> bool:
@@ -226,7 +249,7 @@ class Scenario:
         for ext, target in formats:
             name = safe_name(f"{asset_id}.{ext}", f"{asset_id}.{ext}")
             blob = RemoteBlob(
-                key=f"scenario:{asset_id}:{target or 'native'}",
+                key=_blob_key(asset_id, target),
                 resolve=self._resolver(asset_id, target),
                 description=f"scenario {asset_id}.{ext}",
                 size=int(size) if target is None and isinstance(size, int | float) else None,
@@ -237,6 +260,70 @@ class Scenario:
             )
             nodes.append(File(name, blob, mtime=mtime))
         return nodes
+
+    # -- batch export -------------------------------------------------------------------------
+
+    def _export_body(self, asset_ids: list[str]) -> dict[str, Any]:
+        return {
+            "options": EXPORT_OPTIONS,
+            "query": {"assetIds": asset_ids, "inferenceIds": [], "modelIds": []},
+        }
+
+    async def export_cost(self, asset_ids: list[str]) -> float:
+        """What exporting these assets would cost, in creative units, from a dry run.
+
+        Anything but the dry run's HTTP 269 is an error: an API that ignored `dryRun` would
+        have started (and charged for) a job.
+        """
+        response = await self._api.request(
+            "POST",
+            "assets/download",
+            params=self._params(dryRun="true"),
+            json_body=self._export_body(asset_ids),
+        )
+        try:
+            reply = response.json()
+        except ValueError:
+            reply = None
+        cost = reply.get("creativeUnitsCost") if isinstance(reply, dict) else None
+        if response.status_code != DRY_RUN_STATUS or not isinstance(cost, int | float):
+            raise FetchError.eio(
+                f"scenario: the export's dry run answered HTTP {response.status_code}"
+                " without a cost: no job was started on purpose"
+            )
+        return cost
+
+    async def start_export(self, asset_ids: list[str]) -> str:
+        """Start an export job of at most EXPORT_LIMIT assets; its id."""
+        reply = await self._api.post_json(
+            "assets/download", self._export_body(asset_ids), self._params()
+        )
+        job_id = reply.get("jobId") if isinstance(reply, dict) else None
+        if not isinstance(job_id, str) or not job_id:
+            raise FetchError.eio("scenario: the export request answered no jobId")
+        return job_id
+
+    async def export_status(self, job_id: str) -> tuple[str, str | None]:
+        """The job's status and, once it has succeeded, the signed URL of its zip."""
+        reply = await self._api.get_json(f"assets/download/{job_id}", self._params())
+        status = reply.get("jobStatus") if isinstance(reply, dict) else None
+        url = reply.get("downloadUrl") if isinstance(reply, dict) else None
+        return str(status), url if isinstance(url, str) and url else None
+
+    def export_blob(self, job_id: str, url: str) -> RemoteBlob:
+        """The zip of a finished job, first at `url` (its `downloadUrl`); a new link is asked
+        for (a status request) when that one has expired or is refused."""
+        given = [url]
+
+        async def resolve() -> SignedUrl:
+            link = given.pop() if given else (await self.export_status(job_id))[1]
+            if link is None:
+                raise FetchError.eio(f"scenario export {job_id}: the job has no download link")
+            return SignedUrl(link, url_expiry(link))
+
+        return RemoteBlob(
+            key=f"{ROOT}-export:{job_id}", resolve=resolve, description=f"scenario export {job_id}"
+        )
 
     def _resolver(self, asset_id: str, target: str | None) -> Callable[[], Any]:
         async def resolve() -> SignedUrl:

@@ -11,7 +11,9 @@ official client downloads rather than with fsmount's own idea of it.
 
 from __future__ import annotations
 
+import io
 import os
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,4 +235,83 @@ def test_sdk_maps_the_fakes_errors_to_its_exceptions(fake: ScenarioFake) -> None
             with pytest.raises(AuthenticationError):
                 await client.assets.retrieve(image.id)
 
+    trio.run(main)
+
+
+JOB_STATUSES = ("pending", "queued", "warming-up", "in-progress", "finalizing")
+JOB_ENDS = ("success", "failure", "canceled")
+
+
+async def finished(client: AsyncScenario, job_id: str) -> tuple[list[str], Any]:
+    """Poll a batch download job with the SDK until it ends: the statuses seen, the last."""
+    seen: list[str] = []
+    with trio.fail_after(10):
+        while True:
+            status = await client.assets.download.get_status(job_id)
+            assert status.job_id == job_id
+            if not seen or seen[-1] != status.job_status:
+                seen.append(status.job_status)
+            if status.job_status in JOB_ENDS:
+                return seen, status
+            await trio.sleep(0.01)
+
+
+def test_sdk_batch_download_dry_run_job_status_and_zip(fake: ScenarioFake) -> None:
+    chosen = [a for a in fake.samples.assets if a.visible][:5]
+    gpt = fake.samples.model_ids["gpt"]
+    by_gpt = [a for a in fake.samples.assets if a.visible and a.model_id == gpt]
+
+    async def zip_at(cdn: httpx.AsyncClient, url: str) -> dict[str, bytes]:
+        with zipfile.ZipFile(io.BytesIO(await _fetch(cdn, url))) as archive:
+            return {name: archive.read(name) for name in archive.namelist()}
+
+    async def main() -> None:
+        async with (
+            AsyncScenario(
+                api_key=fake.key, api_secret=fake.secret, base_url=fake.api_url, max_retries=0
+            ) as client,
+            httpx.AsyncClient(follow_redirects=True, timeout=60) as cdn,
+        ):
+            download = client.assets.download
+            options: Any = {"file_name_template": "<id>", "flat": True, "prefer_original": False}
+            query: Any = {"asset_ids": [a.id for a in chosen], "inference_ids": [], "model_ids": []}
+            raw = await download.with_raw_response.request_batch(
+                options=options, query=query, dry_run="true", project_id=fake.project_id
+            )
+            assert raw.status_code == 269
+            estimate = await raw.parse()  # 269 is a success to the SDK: a job-less answer
+            assert estimate.job_id is None
+            assert estimate.model_extra == {"creativeUnitsCost": 3}
+            assert fake.log.count("export-status") == 0
+
+            job = await download.request_batch(options=options, query=query)
+            assert job.job_id.startswith("job_")
+            seen, status = await finished(client, job.job_id)
+            assert seen[-1] == "success" and len(seen) >= 2
+            assert [JOB_STATUSES.index(s) for s in seen[:-1]] == sorted(
+                JOB_STATUSES.index(s) for s in seen[:-1]
+            )
+            assert await zip_at(cdn, status.download_url) == {
+                f"{a.id}.{NATIVE_EXT[a.mime_type]}": a.original() for a in chosen
+            }
+
+            model_job = await download.request_batch(
+                options={"file_name_template": "<generator>/<id>"},
+                query={"asset_ids": [], "inference_ids": [], "model_ids": [gpt]},
+            )
+            _, status = await finished(client, model_job.job_id)
+            assert await zip_at(cdn, status.download_url) == {
+                f"GPT Image 2/{a.id}.{NATIVE_EXT[a.mime_type]}": a.original() for a in by_gpt
+            }
+
+            with pytest.raises(BadRequestError, match="limited to 1000"):
+                await download.request_batch(
+                    options=options,
+                    query={**query, "asset_ids": [f"asset_{n}" for n in range(1001)]},
+                )
+            with pytest.raises(NotFoundError):
+                await download.get_status("job_doesNotExist")
+
+    fake.reset_export()
+    fake.reset_counters()
     trio.run(main)

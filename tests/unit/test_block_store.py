@@ -1038,3 +1038,42 @@ def test_any_reads_return_the_right_bytes_within_budget(
 
     with tempfile.TemporaryDirectory() as directory:
         trio.run(main, Path(directory))
+
+
+def test_an_object_put_whole_is_read_without_fetching_and_held_across_instances(
+    tmp_path: Path,
+) -> None:
+    origin = Origin(2 * MiB + 333)
+    origin.fail_next = 1_000  # a read that reached the origin would fail
+
+    async def main() -> None:
+        async with BlockStore(tmp_path, budget=GiB, min_free=0) as store:
+            assert not await store.holds("k", origin.size)
+            await store.put("k", origin.expect(0, origin.size))
+            assert await store.holds("k", origin.size)
+            assert not await store.holds("other", origin.size)
+            await read_all(store, "k", origin)
+        async with BlockStore(tmp_path, budget=GiB, min_free=0, memory=0) as store:
+            assert await store.holds("k", origin.size)
+            await read_all(store, "k", origin)
+            await store.put("k", origin.expect(0, origin.size))  # present: nothing rewritten
+            await wait_for_scan(store)
+            assert store.stats().blocks_held == 3
+
+    run(main)
+    assert origin.calls == []
+    assert sum(block_files(tmp_path).values()) == origin.size + 3 * HEADER_SIZE
+
+
+def test_put_keeps_to_the_budget(tmp_path: Path) -> None:
+    budget = 3 * (MiB + HEADER_SIZE)
+
+    async def main() -> None:
+        async with BlockStore(tmp_path, budget=budget, min_free=0) as store:
+            for key in "abc":
+                await store.put(key, pattern(ord(key), 0, 2 * MiB))
+                assert sum(block_files(tmp_path).values()) <= budget
+            assert await store.holds("c", 2 * MiB)
+            assert not await store.holds("a", 2 * MiB)
+
+    run(main)

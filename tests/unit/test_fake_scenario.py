@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +24,7 @@ import pytest
 from PIL import Image
 
 from fsmount.demo.scenario import DEFAULT_URL_EXPIRY, REQUEST_KINDS, ScenarioFake
+from fsmount.demo.scenario_export import STATUSES
 from fsmount.demo.scenario_samples import IMAGE_FORMATS, PILLOW_FORMAT, SampleAsset
 
 pillow_heif.register_heif_opener()
@@ -67,6 +69,7 @@ def fake() -> Iterator[ScenarioFake]:
 def fresh_knobs(fake: ScenarioFake) -> None:
     fake.url_expiry = DEFAULT_URL_EXPIRY
     fake.redirect_first_hit = False
+    fake.reset_export()
     fake.reset_counters()
 
 
@@ -541,6 +544,139 @@ def test_ranges_are_honoured(api: httpx.Client, cdn: httpx.Client, fake: Scenari
     assert head.status_code == 200 and int(head.headers["content-length"]) == len(data)
 
 
+# --------------------------------------------------------------------------- batch export
+
+
+def export_body(asset_ids: list[str], template: str = "<id>", **options: Any) -> dict[str, Any]:
+    return {
+        "options": {"fileNameTemplate": template, **options},
+        "query": {"assetIds": asset_ids, "inferenceIds": [], "modelIds": []},
+    }
+
+
+def finished_job(api: httpx.Client, body: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """Start a job and poll it until it ends: the statuses seen, and the last answer."""
+    reply = api.post("/assets/download", json=body)
+    assert reply.status_code == 200, reply.text
+    job_id = reply.json()["jobId"]
+    seen: list[str] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        answer = api.get(f"/assets/download/{job_id}").json()
+        assert answer["jobId"] == job_id
+        if not seen or seen[-1] != answer["jobStatus"]:
+            seen.append(answer["jobStatus"])
+        if answer["jobStatus"] in ("success", "failure", "canceled"):
+            return seen, answer
+        time.sleep(0.01)
+    raise AssertionError(f"job {job_id} never ended: {seen}")
+
+
+def visible(fake: ScenarioFake, count: int) -> list[SampleAsset]:
+    return [a for a in fake.samples.assets if a.visible][:count]
+
+
+def test_a_dry_run_answers_269_with_the_cost_and_starts_nothing(
+    api: httpx.Client, fake: ScenarioFake
+) -> None:
+    ids = [a.id for a in visible(fake, 5)]
+    for mode in ("true", "api"):
+        reply = api.post("/assets/download", params={"dryRun": mode}, json=export_body(ids))
+        assert reply.status_code == 269
+        assert reply.json() == {"creativeUnitsCost": 3}  # half a unit per asset, rounded up
+    fake.export_unit_cost = 0
+    free = api.post("/assets/download", params={"dryRun": "true"}, json=export_body(ids))
+    assert free.json() == {"creativeUnitsCost": 0}
+    bad = api.post("/assets/download", params={"dryRun": "yes"}, json=export_body(ids))
+    assert bad.status_code == 400
+
+
+def test_export_requests_are_checked_and_limited_to_1000_assets(
+    api: httpx.Client, fake: ScenarioFake
+) -> None:
+    ids = [a.id for a in visible(fake, 3)]
+    hidden = next(a for a in fake.samples.assets if a.status == "pending")
+    refused = {
+        "no template": {"options": {}, "query": export_body(ids)["query"]},
+        "no query lists": {"options": {"fileNameTemplate": "<id>"}, "query": {"assetIds": ids}},
+        "unknown asset": export_body([*ids, "asset_doesNotExist"]),
+        "pending asset": export_body([hidden.id]),
+        "nothing": export_body([]),
+        "1001 assets": export_body([f"asset_{n}" for n in range(1001)]),
+    }
+    for what, body in refused.items():
+        reply = api.post("/assets/download", json=body)
+        assert reply.status_code == 400, what
+        assert "reason" in reply.json(), what
+    assert "limited to 1000" in api.post("/assets/download", json=refused["1001 assets"]).text
+    fake.export_limit = 2
+    assert api.post("/assets/download", json=export_body(ids)).status_code == 400
+    assert api.get("/assets/download/job_doesNotExist").status_code == 404
+
+
+def test_a_job_moves_through_the_statuses_then_links_a_zip_of_the_originals(
+    api: httpx.Client, cdn: httpx.Client, fake: ScenarioFake
+) -> None:
+    assets = visible(fake, 6)
+    seen, answer = finished_job(api, export_body([a.id for a in assets], flat=True))
+    assert seen[-1] == "success" and set(seen[:-1]) <= set(STATUSES)
+    assert len(seen) >= 3, seen  # it takes a while, one status after another
+    assert [STATUSES.index(s) for s in seen[:-1]] == sorted(STATUSES.index(s) for s in seen[:-1])
+    url = answer["downloadUrl"]
+    assert url.startswith(fake.cdn_url + "/exports/") and "Signature=" in url
+    reply = cdn.get(url)
+    assert reply.status_code == 200 and reply.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(reply.content)) as archive:
+        members = archive.infolist()
+        assert [m.filename for m in members] == [f"{a.id}.{a.native_ext}" for a in assets]
+        for member, asset in zip(members, assets, strict=True):
+            assert member.flag_bits & 0x8  # sizes after the data, as a streaming writer puts them
+            assert member.compress_type == zipfile.ZIP_DEFLATED
+            assert archive.read(member) == asset.original()
+    tail = cdn.get(url, headers={"Range": "bytes=-100"})
+    assert tail.status_code == 206 and tail.content == reply.content[-100:]
+    assert fake.log.count("export-zip") == 2
+
+
+def test_templates_make_folders_drop_repeated_tokens_and_flat_keeps_names_only(
+    api: httpx.Client, cdn: httpx.Client, fake: ScenarioFake
+) -> None:
+    asset = next(a for a in fake.samples.assets if a.visible and a.prompt == "mossy boulder")
+    body = export_body([asset.id], "<prompt>/<id>-<prompt>_<id>")
+    _, answer = finished_job(api, body)
+    with zipfile.ZipFile(io.BytesIO(cdn.get(answer["downloadUrl"]).content)) as archive:
+        assert archive.namelist() == [f"mossy_boulder/{asset.id}.{asset.native_ext}"]
+    _, answer = finished_job(api, export_body([asset.id], "<prompt>/<id>", flat=True))
+    with zipfile.ZipFile(io.BytesIO(cdn.get(answer["downloadUrl"]).content)) as archive:
+        assert archive.namelist() == [f"{asset.id}.{asset.native_ext}"]
+
+
+def test_injected_export_failures(api: httpx.Client, cdn: httpx.Client, fake: ScenarioFake) -> None:
+    ids = [a.id for a in visible(fake, 4)]
+    for outcome in ("failure", "canceled"):
+        fake.export_outcome = outcome
+        seen, answer = finished_job(api, export_body(ids))
+        assert seen[-1] == outcome and "downloadUrl" not in answer
+    fake.reset_export()
+    fake.export_hook = lambda entries: [*entries[1:], ("stray.txt", b"stray")]
+    _, answer = finished_job(api, export_body(ids))
+    data = cdn.get(answer["downloadUrl"]).content
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.namelist()[-1] == "stray.txt" and len(archive.namelist()) == 4
+    fake.export_cut_at = 0.5
+    with pytest.raises(httpx.RemoteProtocolError):
+        cdn.get(answer["downloadUrl"])
+    with cdn.stream("GET", answer["downloadUrl"], headers={"Range": "bytes=10-"}) as cut:
+        got = bytearray()
+        with pytest.raises(httpx.RemoteProtocolError):
+            for chunk in cut.iter_raw():
+                got += chunk
+    assert bytes(got) == data[10 : len(data) // 2]
+    fake.url_expiry = -1  # links handed out already expired
+    _, answer = finished_job(api, export_body(ids))
+    assert cdn.get(answer["downloadUrl"]).status_code == 403
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -577,6 +713,9 @@ def test_every_request_is_counted_by_kind_with_its_headers(
     api.get("/models")
     api.post("/models/get-bulk", json={"modelIds": []})
     cdn.get(url)
+    fake.export_step = 0
+    job = api.post("/assets/download", json=export_body([asset.id])).json()["jobId"]
+    cdn.get(api.get(f"/assets/download/{job}").json()["downloadUrl"])
     assert fake.log.counts() == {kind: 1 for kind in REQUEST_KINDS}
     assert fake.log.entries("download")[0].method == "POST"
     assert fake.log.entries("assets")[0].headers["authorization"].startswith("Basic ")

@@ -8,6 +8,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -411,3 +412,55 @@ def test_render_is_a_plain_table_for_people() -> None:
 )
 def test_sizes_are_shown_in_binary_units(n: int, text: str) -> None:
     assert status.format_size(n) == text
+
+
+# --- the control socket ---------------------------------------------------------------------------
+
+
+def test_control_commands_answer_events_and_a_client_leaving_cancels_its_command(
+    runtime_dir: Path, tmp_path: Path
+) -> None:
+    mountpoint = tmp_path / "mnt"
+    path = status.socket_path(mountpoint)
+    ended: list[str] = []
+
+    async def echo(request: dict[str, Any], send: status.Send) -> None:
+        for n in range(3):
+            await send({"event": "n", "n": n, "paths": request["paths"]})
+
+    async def silent(request: dict[str, Any], send: status.Send) -> None:
+        if request.get("hello"):
+            await send({"event": "hello"})
+        try:
+            await trio.sleep_forever()
+        finally:
+            ended.append("cancelled")
+
+    def client() -> None:
+        control = status.control_path(path)
+        assert control.name == path.name.replace(".sock", ".ctl")
+        assert stat.S_IMODE(control.stat().st_mode) == 0o600
+        events = list(status.control(mountpoint, {"command": "echo", "paths": ["a/b"]}, idle=5))
+        assert events == [{"event": "n", "n": n, "paths": ["a/b"]} for n in range(3)]
+        unknown = list(status.control(mountpoint, {"command": "rm -rf"}, idle=5))
+        assert unknown == [{"event": "error", "message": "this mount does not know that command"}]
+        with pytest.raises(status.StatusError, match=r"said nothing for 0\.3s"):
+            list(status.control(mountpoint, {"command": "silent"}, idle=0.3))
+        events = status.control(mountpoint, {"command": "silent", "hello": True}, idle=5)
+        assert next(events) == {"event": "hello"}
+        events.close()  # the client leaves: both silent commands end
+        deadline = time.monotonic() + 5
+        while len(ended) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ended == ["cancelled", "cancelled"]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(status.serve_status, path, lambda: SAMPLE)
+            commands = {"echo": echo, "silent": silent}
+            await nursery.start(status.serve_control, status.control_path(path), commands)
+            await trio.to_thread.run_sync(client)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert not status.control_path(path).exists()

@@ -282,3 +282,26 @@ def test_a_stall_may_take_a_third_of_the_deadline_so_a_retry_fits() -> None:
     assert short.deadline == 3.0 and short.stall_timeout == 1.0 and short.connect_timeout == 1.0
     default = HttpPolicy.within(60.0)
     assert default.stall_timeout == 20.0 and default.connect_timeout == 10.0
+
+
+@pytest.mark.parametrize("honours_range", [True, False])
+def test_tail_is_the_last_bytes_and_the_size_in_one_request(honours_range: bool) -> None:
+    data = pattern(3, 0, 100_000)
+    requests: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        assert request.headers["Range"] == "bytes=-4096"
+        headers = {"ETag": '"zip"', "Last-Modified": "Wed, 01 Jan 2025 00:00:00 GMT"}
+        if not honours_range:  # the whole object: only its end may be kept
+            return httpx.Response(200, headers=headers, stream=Body(data))
+        headers["Content-Range"] = f"bytes {len(data) - 4096}-{len(data) - 1}/{len(data)}"
+        cut = len(requests) == 1  # the first answer breaks off: asked again
+        return httpx.Response(206, headers=headers, stream=Body(data[-4096:], 100 if cut else None))
+
+    storage = Storage(FAST, TransferStats(), transport=httpx.MockTransport(handler))
+    blob = RemoteBlob(key="zip", resolve=FakeStorage().resolve, description="test zip")
+    st, tail = trio.run(storage.tail, blob, 4096)
+    assert tail == data[-4096:]
+    assert (st.size, st.etag) == (len(data), '"zip"')
+    assert len(requests) == (2 if honours_range else 1)
