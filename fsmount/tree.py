@@ -88,6 +88,9 @@ class Node:
         """Extended attributes (names without the `user.fsmount.` prefix)."""
         return NO_XATTRS
 
+    def succeeds(self, previous: Node, ctx: TreeContext) -> None:
+        """A refreshed listing brought this node where `previous` was (same name and kind)."""
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path!r}>"
 
@@ -142,7 +145,7 @@ class Directory(Node):
     without I/O). `ctx`, if given, dates undated entries by the time the cache first saw them,
     once their paths are known (see `_adopt`)."""
 
-    __slots__ = ("_listing", "_xattrs")
+    __slots__ = ("_listing", "_predecessor", "_xattrs")
 
     def __init__(
         self,
@@ -156,6 +159,7 @@ class Directory(Node):
         super().__init__(name, mtime)
         self._xattrs = xattrs
         self._listing: Listing | None = None
+        self._predecessor: Listing | None = None
         self._listing = self._adopt(list(children), ctx)
 
     def xattrs(self) -> Mapping[str, str]:
@@ -208,18 +212,37 @@ class Directory(Node):
             same_kind = isinstance(previous, Directory) == isinstance(node, Directory)
             if previous is not None and previous is not node and same_kind:
                 ctx.replaced(previous, node)
+                node.succeeds(previous, ctx)
         return Listing(kept)
+
+    def succeeds(self, previous: Node, ctx: TreeContext) -> None:
+        """Entries take over the inodes of the entries of the same names in `previous`: now
+        for entries known already, else when this directory is first listed. A refresh then
+        leaves the kernel's view (and its page cache) of unchanged files alone."""
+        old = previous.cached() if isinstance(previous, Directory) else None
+        if old is None:
+            return
+        if self._listing is None:
+            self._predecessor = old
+            return
+        for node in self._listing.nodes:
+            before = old.get(node.name)
+            if before is not None and isinstance(before, Directory) == isinstance(node, Directory):
+                ctx.replaced(before, node)
+                node.succeeds(before, ctx)
 
     def _previous(self, name: str) -> Node | None:
         """The node a new listing's entry `name` replaces, if any."""
-        return self._listing.get(name) if self._listing is not None else None
+        listing = self._listing if self._listing is not None else self._predecessor
+        return listing.get(name) if listing is not None else None
 
     def forgotten(self) -> None:
         """The kernel no longer knows this directory: what it can rebuild, it may drop."""
 
-    def _install(self, nodes: list[Node]) -> Listing:
+    def _install(self, nodes: list[Node], ctx: TreeContext | None = None) -> Listing:
         """Adopt `nodes` as the listing now (one built without I/O)."""
-        self._listing = self._adopt(nodes, None)
+        self._listing = self._adopt(nodes, ctx)
+        self._predecessor = None
         return self._listing
 
 
@@ -283,6 +306,7 @@ class ListedDirectory(Directory):
             del self._ctx.loading[self]
             done.set()
         self._listing = listing
+        self._predecessor = None
         self._generation = generation
         self._fresh_until = time.monotonic() + self._ctx.listing_ttl
         return listing

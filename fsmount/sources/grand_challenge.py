@@ -464,6 +464,9 @@ class ItemDirectory(Directory):
         self.record = record
         self.archive = archive
 
+    def _install(self, nodes: list[Node], ctx: TreeContext | None = None) -> Listing:
+        return super()._install(nodes, self.archive._ctx)  # announces what it replaces
+
     def xattrs(self) -> Mapping[str, str]:
         return {"archive": self.archive.name, "item": self.record.pk}
 

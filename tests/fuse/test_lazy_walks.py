@@ -330,3 +330,34 @@ def test_a_walk_beyond_the_entry_budget_stays_exact_and_bounded(scale_mounter: M
         assert held < 4 * budget, f"{held} entries held for a budget of {budget}"
     some = sorted(expected)[:50]
     assert all(os.stat(root / path).st_size >= 0 for path in some)
+
+
+def resident_kib(mount: Mount) -> int:
+    with open(f"/proc/{mount.proc.pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def test_memory_stays_flat_across_50_refreshes_of_a_1000_item_archive(mounter: Mounter, services):
+    """Each SIGHUP brings a new listing; the old tree is let go, not kept beside it."""
+    gc = services.gc
+    mount = mounter.start("--archive", "demo-cohort", scenario=False)
+    root = mount.path / "grand-challenge" / "demo-cohort"
+    items = len(gc.data.items(gc.data.archive("demo-cohort")))
+    assert items >= 1000
+
+    def refresh_and_walk() -> None:
+        done = mount.logs().count("SIGHUP")
+        os.kill(mount.proc.pid, 1)
+        wait_for(lambda: mount.logs().count("SIGHUP") > done, 10, "the mount to take SIGHUP")
+        found = subprocess.run(["find", str(root)], capture_output=True, check=True, timeout=60)
+        assert len(found.stdout.splitlines()) == 1 + 3 * items  # item, value, file
+
+    inode = os.stat(next(root.iterdir()) / "cohort-score.json").st_ino
+    for _ in range(5):  # the allocator settles
+        refresh_and_walk()
+    settled = resident_kib(mount)
+    for _ in range(45):
+        refresh_and_walk()
+    grown = resident_kib(mount) - settled
+    assert grown < 8 * 1024, f"{grown} KiB more after 45 refreshes of {items} items"
+    assert os.stat(next(root.iterdir()) / "cohort-score.json").st_ino == inode  # same file

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import time
+import tracemalloc
 from pathlib import Path
 
 import httpx
@@ -14,7 +17,7 @@ from fsmount.cache.blocks import BlockStore
 from fsmount.cache.metadata import MetadataStore
 from fsmount.content import Content
 from fsmount.demo.content import pattern
-from fsmount.errors import ContentChanged
+from fsmount.errors import ContentChanged, FetchError
 from fsmount.transfer import HttpPolicy, Storage, TransferStats
 
 MiB = 1 << 20
@@ -63,3 +66,38 @@ def test_blocks_of_a_file_with_an_api_size_never_mix_versions(tmp_path: Path) ->
         await storage.aclose()
 
     trio.run(main)
+
+
+def test_failed_probes_leave_nothing_behind(tmp_path: Path) -> None:
+    """Each failure is told to those who waited for it, then dropped: failed sizes (objects
+    the service no longer has) keep no state that grows with their number."""
+
+    async def gone() -> SignedUrl:
+        raise FetchError(errno.ENOENT, "no such object")
+
+    async def main() -> int:
+        storage = Storage(HttpPolicy(deadline=5.0), TransferStats())
+        async with BlockStore(tmp_path / "blocks", budget=1 << 30, min_free=0, readahead=0) as bs:
+            with MetadataStore(tmp_path / "meta.sqlite") as meta:
+                content = Content(storage, bs, meta)
+
+                async def fail_many(first: int) -> None:
+                    for n in range(first, first + 2_500):
+                        with pytest.raises(FetchError):
+                            await content.stat(RemoteBlob(f"gone-{n}", gone, f"gone {n}"))
+
+                await fail_many(0)  # warm: the libraries' own caches fill first
+                tracemalloc.start()
+                before = tracemalloc.get_traced_memory()[0]
+                await fail_many(2_500)
+                grown = tracemalloc.get_traced_memory()[0] - before
+                tracemalloc.stop()
+        await storage.aclose()
+        return grown
+
+    logging.disable(logging.WARNING)  # pytest keeps every log record: not ours to count
+    try:
+        grown = trio.run(main)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert grown < 512 * 1024, f"{grown} bytes kept after 2,500 failed probes"
