@@ -57,4 +57,12 @@ class InlineBlob:
     data: bytes
 
 
-Blob = RemoteBlob | InlineBlob
+@dataclass(eq=False, slots=True)
+class RenderedBlob:
+    """Bytes made from what the API sent when a program asks for them (a JSON value shown
+    with `indent=2`): a walk of 100,000 items renders none of them."""
+
+    render: Callable[[], bytes]
+
+
+Blob = RemoteBlob | InlineBlob | RenderedBlob

@@ -17,7 +17,7 @@ from typing import Any
 import trio
 from cachetools import LRUCache
 
-from fsmount.blob import Blob, BlobStat, InlineBlob, RemoteBlob
+from fsmount.blob import Blob, BlobStat, InlineBlob, RemoteBlob, RenderedBlob
 from fsmount.cache.blocks import BlockStore, Sink
 from fsmount.cache.metadata import MetadataStore
 from fsmount.errors import ContentChanged, FetchError
@@ -50,7 +50,7 @@ class Content:
         metadata: MetadataStore,
         *,
         parallel: int = 32,
-        speculative: int = 16,
+        speculative: int = 24,
     ) -> None:
         self._storage = storage
         self._blocks = blocks
@@ -67,9 +67,12 @@ class Content:
         self._guesses = trio.CapacityLimiter(min(speculative, parallel))
 
     def known(self, blob: Blob) -> BlobStat | None:
-        """The size and time if known without any I/O (memory, or what the API gave)."""
+        """The size and time if known without any I/O (memory, or what the API gave); a
+        rendered blob's only once it is asked for (`stat`)."""
         if isinstance(blob, InlineBlob):
             return BlobStat(len(blob.data), 0.0)
+        if isinstance(blob, RenderedBlob):
+            return None
         st = self._stats.get(_identity(blob))
         if st is None and blob.size is not None and blob.mtime is not None:
             st = BlobStat(blob.size, blob.mtime, None)
@@ -93,6 +96,8 @@ class Content:
     async def stat(self, blob: Blob) -> BlobStat:
         if isinstance(blob, InlineBlob):
             return BlobStat(len(blob.data), 0.0)
+        if isinstance(blob, RenderedBlob):
+            return BlobStat(len(blob.render()), 0.0)
         known = self.recalled(blob)
         if known is not None:
             return known
@@ -167,6 +172,8 @@ class Content:
         """
         if isinstance(blob, InlineBlob):
             return blob.data[offset : offset + length]
+        if isinstance(blob, RenderedBlob):
+            return blob.render()[offset : offset + length]
         st = version or await self.stat(blob)
         if offset >= st.size or length <= 0:
             return b""

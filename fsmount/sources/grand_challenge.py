@@ -16,6 +16,7 @@ costs that one item's request (and its images'), not the whole listing.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import re
@@ -26,7 +27,7 @@ from urllib.parse import urljoin, urlsplit
 import trio
 from cachetools import LRUCache
 
-from fsmount.blob import InlineBlob, RemoteBlob, SignedUrl
+from fsmount.blob import RemoteBlob, RenderedBlob, SignedUrl
 from fsmount.errors import FetchError, StartupError
 from fsmount.transfer import ApiClient, redact, url_expiry
 from fsmount.tree import (
@@ -175,7 +176,10 @@ _TYPES = {t: t for t in ("MHD", "TIFF", "DZI")}
 
 def _image_pk(url: str) -> str:
     """The pk in a value's image hyperlink (`.../cases/images/<pk>/`)."""
-    return urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
+    return url.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+_compact = json.JSONEncoder(separators=(",", ":")).encode
 
 
 # --------------------------------------------------------------------------- the source
@@ -191,7 +195,7 @@ class GrandChallenge:
         self._ctx = ctx
         self._only = archives or []
         self._image_limit = trio.CapacityLimiter(IMAGES_AT_ONCE)
-        self._sockets: dict[tuple[str, str, str, str], _Socket] = {}
+        self._sockets: dict[tuple[Any, ...], _Socket] = {}
         self.urls = MediaUrls(api.base_url if api is not None else "https://grand-challenge.test/")
 
     async def check(self) -> None:
@@ -296,19 +300,15 @@ class GrandChallenge:
         socket = raw.get("interface") or raw.get("socket")
         if not isinstance(socket, dict) or not isinstance(socket.get("relative_path"), str):
             return None
-        fields = (
-            str(socket.get("slug", "")),
-            str(socket.get("kind", "")),
-            str(socket.get("super_kind", "")),
-            socket["relative_path"],
-        )
+        get = socket.get
+        fields = (get("slug", ""), get("kind", ""), get("super_kind", ""), get("relative_path"))
         shared = self._sockets.get(fields)
         if shared is None:
-            shared = self._sockets[fields] = _Socket(*fields)
+            shared = self._sockets[fields] = _Socket(*map(str, fields))
         pk = raw.get("pk")
         super_kind = shared.super_kind.casefold()
-        if super_kind == "value":
-            return _Value(shared, pk, json.dumps(raw.get("value"), indent=2).encode())
+        if super_kind == "value":  # kept compact (C encoder); `indent=2` when read
+            return _Value(shared, pk, _compact(raw.get("value")))
         if super_kind == "file" and isinstance(raw.get("file"), str):
             name = shared.parts[-1] if shared.parts else ""
             return _Value(shared, pk, self.urls.pack_file(raw["file"], pk, name))
@@ -568,14 +568,20 @@ class _ValueNode(File):
 
 
 class ValueFile(_ValueNode):
-    """A Value socket: `json.dumps(value, indent=2)`, served from memory."""
+    """A Value socket: `json.dumps(value, indent=2)`, made from memory when asked."""
 
     __slots__ = ()
 
     @property
-    def blob(self) -> InlineBlob:
-        data = self.value.payload
-        return InlineBlob(data if isinstance(data, bytes) else b"")
+    def blob(self) -> RenderedBlob:
+        return RenderedBlob(functools.partial(_indented, self.value.payload))
+
+
+def _indented(compact: object) -> bytes:
+    """`json.dumps(value, indent=2)` of the value kept as compact JSON: the same bytes, since
+    parsing gives back the same keys in the same order and the same numbers (floats print
+    as the shortest text that reads back the same)."""
+    return json.dumps(json.loads(str(compact)), indent=2).encode()
 
 
 class StoredFile(_ValueNode):
