@@ -285,11 +285,16 @@ class GrandChallenge:
             pk = str(item["pk"])
             raw_values = item.get("values") or []
         except (KeyError, TypeError, AttributeError):
+            raw_values = None
+        if not isinstance(raw_values, list):
             log.warning("skipping a malformed archive item: %.200r", item)
             return None
         values: list[_Value] = []
         for raw in raw_values:
-            value = self._value(raw) if isinstance(raw, dict) else None
+            try:
+                value = self._value(raw) if isinstance(raw, dict) else None
+            except (TypeError, ValueError, AttributeError):  # fields of the wrong types
+                value = None
             if value is None:
                 log.warning("item %s: skipping a malformed value: %.200r", pk, raw)
             else:
