@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import httpcore
 import httpx
+import orjson
 import trio
 from cachetools import TLRUCache
 
@@ -319,7 +320,9 @@ class ApiClient:
     async def get_json(
         self, url: str, params: Mapping[str, Any] | None = None, *, deadline: float | None = None
     ) -> Any:
-        return (await self.request("GET", url, params=params, deadline=deadline)).json()
+        return parse_json(
+            (await self.request("GET", url, params=params, deadline=deadline)).content
+        )
 
     async def post_json(self, url: str, body: Any, params: Mapping[str, Any] | None = None) -> Any:
         return (await self.request("POST", url, params=params, json_body=body)).json()
@@ -329,6 +332,16 @@ class ApiClient:
         response = await self.request("GET", url, ok=lambda r: r.status_code in REDIRECTS)
         self._stats.url_resolves += 1
         return str(response.url.join(response.headers["Location"]))
+
+
+def parse_json(body: bytes) -> Any:
+    """JSON with orjson, a few times faster than the standard parser on the megabyte pages
+    of a large listing; the standard one takes what orjson refuses (integers past 64 bits,
+    which a JSON value may hold), giving the same objects either way."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
 
 
 def _error_reason(response: httpx.Response) -> str:
