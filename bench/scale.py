@@ -9,7 +9,7 @@ cache, and each figure is timed with the requests the fake counted meanwhile:
 
 - `ls ARCHIVE`, then `find ARCHIVE -name '*.mha'` (the walk: names only);
 - `ls -l` of one item directory, `du -sb` of 1,000 items (sizes: probes, ahead of the reader);
-- after a remount over the same cache, `find` again;
+- after a remount over the same cache, `ls` and `find` again;
 - the mount's peak resident memory (VmHWM) on each mount.
 
 It writes `bench/scale-results.md` (commit it).
@@ -158,6 +158,8 @@ def walk(fake: GrandChallengeFake, mount: Mount, root: Path, run: Run, what: str
 def second_mount(fake: GrandChallengeFake, system: ScaleMount, cache: Path, run: Run) -> None:
     with mounted(system, cache, "remount") as mount:
         root = mount.point / system.relative_path("")
+        with counted(fake, run, "`ls ARCHIVE` after a remount") as figure:
+            figure.note = f"{len(shell(['ls', str(root)]).split()):,} items"
         walk(fake, mount, root, run, "`find ARCHIVE -name '*.mha'` after a remount")
         run.peaks.append(mount.peak_memory())
 
