@@ -15,6 +15,7 @@ Policy, in one place:
 from __future__ import annotations
 
 import base64
+import calendar
 import dataclasses
 import email.utils
 import errno
@@ -112,8 +113,8 @@ def url_expiry(url: str, now: float | None = None) -> float:
         if "Expires" in query:
             return float(query["Expires"][0])
         if "X-Amz-Expires" in query and "X-Amz-Date" in query:
-            start = time.mktime(time.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ"))
-            return start - time.timezone + float(query["X-Amz-Expires"][0])
+            start = calendar.timegm(time.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ"))
+            return start + float(query["X-Amz-Expires"][0])
         if "Policy" in query:
             raw = query["Policy"][0].replace("-", "+").replace("_", "=").replace("~", "/")
             policy = json.loads(base64.b64decode(raw + "=" * (-len(raw) % 4)))
@@ -135,6 +136,21 @@ def status_errno(status: int) -> int:
     return errno.EIO
 
 
+def _http_date(value: str) -> float | None:
+    """An HTTP date as seconds since the epoch, or None when it is not one.
+
+    Every form HTTP allows means GMT, the asctime form too, though it writes no zone: the
+    zone-less result of `email.utils` must not be read as local time.
+    """
+    try:
+        parsed = email.utils.parsedate_tz(value)
+        if parsed is None:
+            return None
+        return float(calendar.timegm((*parsed[:6], 0, 0, 0)) - (parsed[9] or 0))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     """Seconds the server asked us to wait (`Retry-After`, or a `remainingSeconds` body)."""
     value = response.headers.get("Retry-After")
@@ -142,8 +158,8 @@ def _retry_after(response: httpx.Response) -> float | None:
         try:
             return max(0.0, float(value))
         except ValueError:
-            parsed = email.utils.parsedate_to_datetime(value)
-            return max(0.0, parsed.timestamp() - time.time())
+            when = _http_date(value)
+            return None if when is None else max(0.0, when - time.time())
     if response.headers.get("Content-Type", "").startswith("application/json"):
         try:
             body = response.json()
@@ -540,10 +556,5 @@ def _etag(response: httpx.Response) -> str | None:
 
 
 def _last_modified(response: httpx.Response) -> float:
-    value = response.headers.get("Last-Modified")
-    if value:
-        try:
-            return email.utils.parsedate_to_datetime(value).timestamp()
-        except (TypeError, ValueError):
-            pass
-    return 0.0
+    when = _http_date(response.headers.get("Last-Modified", ""))
+    return 0.0 if when is None else when
