@@ -22,6 +22,7 @@ import errno
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import ssl
@@ -152,22 +153,30 @@ def _http_date(value: str) -> float | None:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    """Seconds the server asked us to wait (`Retry-After`, or a `remainingSeconds` body)."""
+    """Seconds the server asked us to wait (`Retry-After`, or a `remainingSeconds` body).
+
+    Anything else than a finite number of seconds or an HTTP date is no hint: the caller
+    backs off as usual rather than failing a read over a header.
+    """
+    wait: float | None = None
     value = response.headers.get("Retry-After")
     if value:
         try:
-            return max(0.0, float(value))
+            wait = float(value)
         except ValueError:
             when = _http_date(value)
-            return None if when is None else max(0.0, when - time.time())
-    if response.headers.get("Content-Type", "").startswith("application/json"):
+            wait = None if when is None else when - time.time()
+    elif response.headers.get("Content-Type", "").startswith("application/json"):
         try:
             body = response.json()
         except ValueError:
             return None
-        if isinstance(body, dict) and isinstance(body.get("remainingSeconds"), int | float):
-            return max(0.0, float(body["remainingSeconds"]))
-    return None
+        seconds = body.get("remainingSeconds") if isinstance(body, dict) else None
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+            wait = float(seconds)
+    if wait is None or not math.isfinite(wait):
+        return None
+    return max(0.0, wait)
 
 
 class _Attempts:

@@ -451,6 +451,21 @@ def test_scenario_cooldowns_are_waited_out_and_reads_arrive_exact(mounter: Mount
     assert min(t for t in cdn if t > cdn_events[0].time) - cdn_events[0].time >= cooldown - 0.05
 
 
+def test_a_malformed_retry_after_is_no_hint_and_the_read_is_retried(mounter: Mounter, services):
+    """A Retry-After that is neither seconds nor an HTTP date means "back off as usual"."""
+    gc = services.gc
+    mount = mounter.start("--archive", "demo-medical", scenario=False)
+    rel, data = next(iter(medical_files(services, 1).items()))
+    path = mount.path / "grand-challenge" / "demo-medical" / rel
+    assert os.stat(path).st_size == len(data)
+    gc.storage_faults.configure(scripted=((503, "soon"), (429, "Mon, 99 Foo 2024 25:61:61 GMT")))
+    try:
+        assert direct_read(path, 0, len(data)) == data
+        assert [e.status for e in gc.storage_faults.events("error")] == [503, 429]
+    finally:
+        gc.reset_faults()
+
+
 # --------------------------------------------------------------------------- security
 
 

@@ -277,6 +277,41 @@ def test_storage_honours_retry_after() -> None:
     assert len(times) == 2 and times[1] - times[0] >= 0.3
 
 
+def test_a_malformed_retry_after_is_no_hint_and_the_request_is_retried() -> None:
+    fake = FakeStorage()
+    hints = [
+        {"Retry-After": "soon"},
+        {"Retry-After": "Mon, 99 Foo 2024 25:61:61 GMT"},
+        {"Retry-After": "inf"},
+        {"Retry-After": "nan"},
+    ]
+    answers = [httpx.Response(503, headers=hint) for hint in hints]
+    bodies = ['{"remainingSeconds": "soon"}', '{"remainingSeconds": Infinity}', "[1, 2]"]
+    json_type = {"Content-Type": "application/json"}
+    answers += [httpx.Response(429, headers=json_type, text=body) for body in bodies]
+    seen = 0
+
+    def storage_handler(request: httpx.Request) -> httpx.Response:
+        nonlocal seen
+        seen += 1
+        return answers[seen - 1] if seen <= len(answers) else fake.handler(request)
+
+    storage = Storage(FAST, TransferStats(), transport=httpx.MockTransport(storage_handler))
+    blob = RemoteBlob(key="k", resolve=fake.resolve, description="test object")
+    assert trio.run(fetch, storage, blob, 0, 10) == (pattern(7, 0, 10), '"v1"')
+    assert seen == len(answers) + 1
+
+    calls = 0
+
+    def api_handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return answers[calls - 1] if calls <= len(answers) else httpx.Response(200, json={})
+
+    assert trio.run(api(api_handler).get_json, "archives/") == {}
+    assert calls == len(answers) + 1
+
+
 def test_a_stall_may_take_a_third_of_the_deadline_so_a_retry_fits() -> None:
     short = HttpPolicy.within(3.0)
     assert short.deadline == 3.0 and short.stall_timeout == 1.0 and short.connect_timeout == 1.0
