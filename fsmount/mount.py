@@ -29,6 +29,7 @@ from fsmount.config import Config, grand_challenge_token_source, scenario_creden
 from fsmount.content import Content
 from fsmount.errors import StartupError
 from fsmount.fs import Operations
+from fsmount.mountinfo import read_mounts
 from fsmount.sources.grand_challenge import GrandChallenge
 from fsmount.transfer import (
     ApiClient,
@@ -92,8 +93,7 @@ async def raise_kernel_readahead(
     holds keeps 128 KiB requests, hence the tight re-checks, for at most a second.
     """
     await initialized.wait()
-    with open("/proc/self/mountinfo") as info:
-        devices = [f[2] for f in map(str.split, info) if f[4] == str(mountpoint)]
+    devices = [m.device for m in read_mounts() if m.mount_point == str(mountpoint)]
     if not devices:
         return
     setting = Path(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb")

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from fsmount.demo.services import DemoServices, start_demo_services
+from fsmount.mountinfo import read_mounts
 
 SECRET_ENV = (
     "GRAND_CHALLENGE_AUTHORIZATION",
@@ -60,8 +61,7 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def fsmount_mounts() -> list[str]:
-    with open("/proc/self/mountinfo") as info:
-        return [line.split()[4] for line in info if "fuse.fsmount" in line]
+    return [m.mount_point for m in read_mounts() if m.fstype == "fuse.fsmount"]
 
 
 @dataclass
@@ -122,9 +122,10 @@ class Mounter:
         cache_dir: Path | None = None,
         env: dict[str, str] | None = None,
         wait: bool = True,
+        name: str | None = None,
     ) -> Mount:
         self._count += 1
-        path = self.base / f"mnt{self._count}"
+        path = self.base / (name or f"mnt{self._count}")
         path.mkdir()
         log_path = self.base / f"mount{self._count}.log"
         cache = cache_dir or self.base / f"cache{self._count}"

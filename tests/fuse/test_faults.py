@@ -32,6 +32,7 @@ from conftest import Mount, Mounter, fsmount_mounts, wait_for
 
 from fsmount import status
 from fsmount.demo.content import pattern
+from fsmount.mountinfo import read_mounts
 
 pytestmark = pytest.mark.fuse
 
@@ -511,10 +512,8 @@ def test_a_rotated_token_is_read_again_after_a_401_once(mounter: Mounter, servic
 
 def mount_options(mount: Mount) -> set[str]:
     """The mount's options and its superblock's, from mountinfo (not the path's words)."""
-    with open("/proc/self/mountinfo") as info:
-        fields = next(entry.split() for entry in info if entry.split()[4] == str(mount.path))
-    tail = fields[fields.index("-") + 1 :]  # fstype, source, superblock options
-    return set(fields[5].split(",")) | set(tail[2].split(","))
+    entry = next(m for m in read_mounts() if m.mount_point == str(mount.path))
+    return {*entry.options, *entry.super_options}
 
 
 def test_allow_other_is_off_by_default(mounter: Mounter):

@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fsmount import status
 from fsmount.demo.services import DemoServices
+from fsmount.mount import KERNEL_READAHEAD_KIB
 
 pytestmark = pytest.mark.fuse
 
@@ -391,6 +392,19 @@ def test_a_restart_after_kill_9_clears_the_stale_mount_and_mounts_again(
         first.cleanup(mountpoint)
         if again is not None:
             again.cleanup(mountpoint)
+
+
+def test_a_mount_point_with_spaces_gets_its_readahead_raised_and_is_listed(mounter: Mounter):
+    """Mountinfo writes a space as `\\040`: the mount must still find itself there."""
+    if os.geteuid() != 0:
+        pytest.skip("only root may raise a mount's kernel readahead")
+    mount = mounter.start(gc=False, name="a mount\twith spaces")
+    device = os.stat(mount.path).st_dev  # asked from this process, not the mount's
+    setting = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    wanted = str(KERNEL_READAHEAD_KIB)
+    wait_for(lambda: setting.read_text().strip() == wanted, 30, "the raised readahead")
+    assert mount.path in status.running_mounts(owner=os.getuid())
+    assert status.query(mount.path)["mountpoint"] == str(mount.path)
 
 
 def test_an_unmount_from_outside_sends_stopping_and_exits_0(
