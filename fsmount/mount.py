@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import errno
 import logging
 import os
 import signal
@@ -109,6 +110,20 @@ async def raise_kernel_readahead(
             return
 
 
+class _GoneRequests(logging.Filter):
+    """pyfuse3 logs an ERROR when the kernel refuses a reply with ENOENT. That only means the
+    request is gone: it was interrupted, or the mount went away while the kernel's own
+    readahead was still being answered. libfuse says nothing then; this makes it debug."""
+
+    GONE = f"fuse_reply_* failed with {os.strerror(errno.ENOENT)}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.getMessage().endswith(self.GONE):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 def fuse_options(cfg: Config) -> set[str]:
     options = set(pyfuse3.default_options)  # default_permissions
     options |= {"fsname=fsmount", "subtype=fsmount", "ro", "nosuid", "nodev", "noatime"}
@@ -119,6 +134,7 @@ def fuse_options(cfg: Config) -> set[str]:
 
 async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> None:
     """Mount at `mountpoint` and serve until unmounted or told to stop by a signal."""
+    logging.getLogger("pyfuse3").addFilter(_GoneRequests())
     with trio.open_signal_receiver(
         signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1
     ) as signals:

@@ -324,6 +324,7 @@ def test_a_flipped_byte_in_a_cached_block_is_detected_and_fetched_again(
     cache = tmp_path / "cache"
     args = ("--archive", MEDICAL)
     mount = mounter.start(*args, scenario=False, cache_dir=cache)
+    mount.expect_logs(r"cache block \S+ is corrupt")
     assert (medical(mount) / rel).read_bytes() == files[rel]
     assert mount.stop() == 0
     [block] = block_files(cache)
@@ -516,6 +517,7 @@ def test_cache_prefetch_reports_bad_paths_and_failed_files(
     assert error_lines(outside) == [f"fsmount: {tmp_path} is not on an fsmount mount"]
 
     mount = mounter.start("--timeout", "2", "--archive", MEDICAL, scenario=False)
+    mount.expect_logs(r"read: .*storage HTTP 503")  # the prefetch during the outage
     root = medical(mount)
     files = stored_files(services)
     stored = root / max(files, key=lambda p: len(files[p]))

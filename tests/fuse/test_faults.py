@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, Mounter, fsmount_mounts, wait_for
+from conftest import CHANGED, GAVE_UP, STALE_LISTING, Mount, Mounter, fsmount_mounts, wait_for
 
 from fsmount import status
 from fsmount.demo.content import pattern
@@ -249,6 +249,7 @@ def test_a_down_service_fails_reads_in_time_serves_the_cache_and_recovers(
         *("--timeout", str(TIMEOUT), "--dir-cache-time", "1"),
         *("--archive", "demo-large", "--archive", "demo-medical"),
         scenario=False,
+        expect_logs=[GAVE_UP, r"ConnectError from storage", STALE_LISTING],
     )
     path = huge(mount, services)
     medical = mount.path / "grand-challenge" / "demo-medical"
@@ -290,6 +291,7 @@ def test_a_down_service_fails_reads_in_time_serves_the_cache_and_recovers(
 def test_a_stalled_service_turns_into_an_error_within_the_bound(mounter: Mounter, services):
     gc = services.gc
     mount = mounter.start("--timeout", str(TIMEOUT), "--archive", "demo-large", scenario=False)
+    mount.expect_logs(r"TooSlowError from storage; giving up")
     path = huge(mount, services)
     os.stat(path)
     try:
@@ -312,7 +314,7 @@ def test_a_stalled_service_turns_into_an_error_within_the_bound(mounter: Mounter
 
 def test_a_file_whose_etag_changes_between_ranges_is_never_served_mixed(mounter: Mounter, services):
     gc = services.gc
-    mount = mounter.start("--archive", "demo-large", scenario=False)
+    mount = mounter.start("--archive", "demo-large", scenario=False, expect_logs=[CHANGED])
     path = huge(mount, services)
     started = time.monotonic()
     try:
@@ -337,7 +339,7 @@ def test_readers_opening_a_replaced_file_at_once_all_get_the_new_version(
     """After a change, the file's size and version are learned again (one probe); readers who
     open it meanwhile wait for that probe instead of failing."""
     gc = services.gc
-    mount = mounter.start("--archive", "demo-large", scenario=False)
+    mount = mounter.start("--archive", "demo-large", scenario=False, expect_logs=[CHANGED])
     path = huge(mount, services)
     read_and_check(path, 0, MiB)
     try:
@@ -374,6 +376,7 @@ def test_errors_reach_readers_as_the_errno_they_mean(mounter: Mounter, services)
     mount = mounter.start(
         *("--timeout", str(TIMEOUT), "--archive", "demo-large", "--archive", "demo-medical"),
         scenario=False,
+        expect_logs=[r"storage HTTP 40[34] ", GAVE_UP],
     )
     path = huge(mount, services)
     os.stat(path)  # size and signed URL known: each case below is one storage read
@@ -590,6 +593,8 @@ def test_soak_parallel_readers_with_every_fault_on(mounter: Mounter, services):
     seconds = float(os.environ.get("FSMOUNT_SOAK_SECONDS", "180"))
     gc = services.gc
     mount = mounter.start("--timeout", "20", "--cache-size", "256M", scenario=False)
+    # Clear errors are allowed under faults, and a replaced file fails its open readers.
+    mount.expect_logs(CHANGED, GAVE_UP, r"TooSlowError", STALE_LISTING)
     path = huge(mount, services)
     small = mount.path / "grand-challenge" / "demo-medical"
     expected_small = gc.expected_archive("demo-medical")

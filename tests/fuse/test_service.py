@@ -424,6 +424,28 @@ def test_an_unmount_from_outside_sends_stopping_and_exits_0(
         notify.close()
 
 
+def test_an_unmount_while_the_kernel_reads_ahead_is_no_error(
+    mounter: Mounter, services: DemoServices
+) -> None:
+    """The kernel drops its own readahead requests when the mount goes: the answers they get
+    later are refused (ENOENT), which is no error (libfuse, too, keeps quiet about it)."""
+    gc = services.gc
+    assert gc is not None
+    mount = mounter.start("--archive", "demo-large", scenario=False)
+    expected = gc.expected_archive("demo-large")
+    rel = max(expected, key=lambda p: expected[p].size)
+    path = mount.path / "grand-challenge" / "demo-large" / rel
+    os.stat(path)
+    gc.storage_faults.configure(latency=1.0)  # the readahead is still in flight at the unmount
+    try:
+        with open(path, "rb") as f:  # WILLNEED: the kernel reads ahead, and does not wait
+            os.posix_fadvise(f.fileno(), 0, 4 << 20, os.POSIX_FADV_WILLNEED)
+        subprocess.run(["fusermount3", "-u", "-z", str(mount.path)], check=True)
+        assert mount.proc.wait(timeout=30) == 0, mount.logs()
+    finally:
+        gc.reset_faults()
+
+
 # --- mount.fsmount ------------------------------------------------------------------------------
 
 
