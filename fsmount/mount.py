@@ -38,6 +38,7 @@ from fsmount.transfer import (
     HttpPolicy,
     Storage,
     TransferStats,
+    raise_read_size,
     redact,
 )
 from fsmount.tree import Directory, TreeContext
@@ -134,6 +135,7 @@ def fuse_options(cfg: Config) -> set[str]:
 
 async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> None:
     """Mount at `mountpoint` and serve until unmounted or told to stop by a signal."""
+    raise_read_size()
     logging.getLogger("pyfuse3").addFilter(_GoneRequests())
     with trio.open_signal_receiver(
         signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1

@@ -50,12 +50,27 @@ DEFAULT_URL_TTL = 60.0
 _POOL_SHARDS = 4  # httpx clients per service and for storage (see _Clients)
 _URL_BOOK_SIZE = 100_000  # signed URLs remembered at once (a URL is a few hundred bytes)
 
-# httpcore reads a response body 64 KiB at a time; each read costs a trip through h11, httpcore
-# and httpx in Python, which was a large share of the mount's CPU on a fast sequential read.
-# A larger ceiling lets one socket read return whatever has arrived (recv never waits to fill
-# it), so a 4 MiB range takes a few reads instead of sixty-four.
-if hasattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES"):
-    httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
+_READ_CEILING = 1 << 20  # bytes one socket read may hand over (see raise_read_size)
+
+
+def raise_read_size() -> None:
+    """Let one socket read hand over whatever has arrived, up to 1 MiB (httpcore: 64 KiB).
+
+    Each read costs a trip through h11, httpcore and httpx in Python, which was a large share
+    of the mount's CPU on a fast sequential read; recv never waits to fill the ceiling, so a
+    4 MiB range takes a few reads instead of sixty-four. httpcore has no setting for it, only
+    the class attribute changed here: a version without it is a warning at mount, never a
+    silent slowdown (and tests/unit/test_transfer_policy.py fails on it).
+    """
+    connection = httpcore.AsyncHTTP11Connection
+    if isinstance(getattr(connection, "READ_NUM_BYTES", None), int):
+        connection.READ_NUM_BYTES = _READ_CEILING
+    else:
+        log.warning(
+            "httpcore %s has no AsyncHTTP11Connection.READ_NUM_BYTES: downloads read 64 KiB at"
+            " a time and cost more CPU (see fsmount/transfer.py)",
+            httpcore.__version__,
+        )
 
 
 @dataclass(frozen=True)

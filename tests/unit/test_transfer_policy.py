@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import errno
+import logging
+import socket
+import threading
 import time
 
+import httpcore
 import httpx
 import pytest
 import trio
@@ -18,6 +22,7 @@ from fsmount.transfer import (
     HttpPolicy,
     Storage,
     TransferStats,
+    raise_read_size,
     redact,
     url_expiry,
 )
@@ -317,3 +322,43 @@ def test_a_stall_may_take_a_third_of_the_deadline_so_a_retry_fits() -> None:
     assert short.deadline == 3.0 and short.stall_timeout == 1.0 and short.connect_timeout == 1.0
     default = HttpPolicy.within(60.0)
     assert default.stall_timeout == 20.0 and default.connect_timeout == 10.0
+
+
+def test_httpcore_hands_over_whatever_arrived_up_to_a_mebibyte_per_read() -> None:
+    """The data path's speed rests on httpcore's per-read ceiling (transfer.raise_read_size):
+    a body that has arrived comes in pieces of more than httpcore's default 64 KiB."""
+    body = pattern(3, 0, 4 << 20)
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while b"\r\n\r\n" not in conn.recv(65536):
+                pass
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    async def pieces(url: str) -> list[int]:
+        async with httpx.AsyncClient() as client, client.stream("GET", url) as response:
+            await trio.sleep(0.3)  # let the body pile up in the socket
+            return [len(piece) async for piece in response.aiter_raw()]
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    raise_read_size()
+    try:
+        sizes = trio.run(pieces, f"http://127.0.0.1:{server.getsockname()[1]}/")
+    finally:
+        server.close()
+        thread.join(10)
+    assert sum(sizes) == len(body)
+    assert max(sizes) > 64 << 10, sizes
+
+
+def test_without_httpcores_read_size_the_mount_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES")
+    with caplog.at_level(logging.WARNING, logger="fsmount.transfer"):
+        raise_read_size()
+    assert "READ_NUM_BYTES" in caplog.text
+    assert not hasattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES")  # nothing invented
