@@ -133,8 +133,14 @@ def fuse_options(cfg: Config) -> set[str]:
     return options
 
 
-async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> None:
-    """Mount at `mountpoint` and serve until unmounted or told to stop by a signal."""
+async def serve(
+    cfg: Config, mountpoint: Path, ready: Callable[[], None], *, hangup_unmounts: bool = False
+) -> None:
+    """Mount at `mountpoint` and serve until unmounted or told to stop by a signal.
+
+    SIGHUP drops the cached listings (`systemctl reload`), unless `hangup_unmounts`: for an
+    interactive mount, it means its terminal closed, and it unmounts as on Ctrl-C.
+    """
     raise_read_size()
     logging.getLogger("pyfuse3").addFilter(_GoneRequests())
     with trio.open_signal_receiver(
@@ -207,7 +213,9 @@ async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> Non
                 metrics = await status.open_metrics_listeners(cfg.metrics_port)
                 for listener in metrics:
                     stack.push_async_callback(listener.aclose)
-            await _run_fuse(ops, cfg, mountpoint, signals, ctx, ready, collect, metrics)
+            await _run_fuse(
+                ops, cfg, mountpoint, signals, ctx, ready, collect, metrics, hangup_unmounts
+            )
 
 
 def status_collector(
@@ -261,6 +269,7 @@ async def _run_fuse(
     ready: Callable[[], None],
     collect: status.Collect,
     metrics: Sequence[trio.SocketListener],
+    hangup_unmounts: bool,
 ) -> None:
     try:
         pyfuse3.init(ops, str(mountpoint), fuse_options(cfg))
@@ -274,7 +283,7 @@ async def _run_fuse(
             async def on_signals() -> None:
                 nonlocal stopping
                 async for signum in signals:
-                    if signum == signal.SIGHUP:
+                    if signum == signal.SIGHUP and not hangup_unmounts:
                         log.info("SIGHUP: dropping cached listings")
                         ctx.invalidate_all()
                         continue
