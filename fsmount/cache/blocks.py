@@ -299,6 +299,31 @@ class _Cutter:
         await self._complete(len(self._lengths) - 1, self._last)
 
 
+class _Running:
+    """How many of some kind of work are running, and a way to wait until none is."""
+
+    __slots__ = ("_none", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._none = trio.Event()
+        self._none.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        if self.count == 1:
+            self._none = trio.Event()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if not self.count:
+            self._none.set()
+
+    async def wait_none(self) -> None:
+        while self.count:  # another may have started between the event and this check
+            await self._none.wait()
+
+
 class _Eviction:
     """Blocks already forgotten by the index whose files a worker thread is deleting."""
 
@@ -370,9 +395,9 @@ class BlockStore:
         self._nursery: trio.Nursery | None = None  # the background service's, while it runs
         self._behind = trio.Semaphore(_BEHIND)
         self._rate: float | None = None  # bytes per second of recent fetches (moving average)
-        self._background = 0  # downloads running without a reader waiting for all of them
-        self._background_idle = trio.Event()  # set while there are none
-        self._background_idle.set()
+        self._background = _Running()  # downloads without a reader waiting for all of them
+        self._writes = _Running()  # block files being written by worker threads
+        self._scans: list[set[str]] = []  # per running scan: the names forgotten since it began
         self._slots = trio.Semaphore(max_parallel)  # readahead downloads in flight
         # Readahead work, oldest first; unbounded in count but not in bytes: each sequential
         # reader has at most its window (<= readahead) queued, and a queued chunk holds no data.
@@ -461,8 +486,13 @@ class BlockStore:
         calls this every `rescan_interval` seconds so this process's accounting follows them.
         """
         started = time.time()
-        found = await trio.to_thread.run_sync(_scan_blocks, self._dir, limiter=self._io)
-        self._merge_scan(found, started)
+        forgotten: set[str] = set()  # by this process while the directory is listed
+        self._scans.append(forgotten)
+        try:
+            found = await trio.to_thread.run_sync(_scan_blocks, self._dir, limiter=self._io)
+        finally:
+            self._scans.remove(forgotten)
+        self._merge_scan(found, started, forgotten)
         await self._trim()
         self._index_complete = True
 
@@ -470,12 +500,18 @@ class BlockStore:
         """Wait until the downloads running in the background (left behind readers, or read
         ahead) have stored their blocks or failed: after it, every block a reader was given
         bytes of is on disk, unless it could not be stored."""
-        await self._background_idle.wait()
+        await self._background.wait_none()
 
     async def aclose(self) -> None:
         """Finish the downloads behind readers (what was read stays read; a few seconds at
         most), stop background work and release the directory (the files stay for the next
-        run)."""
+        run).
+
+        The lock is what tells other processes that this one's temporary files are being
+        written, so it goes last: once closed, no write starts (readers still in `read` get
+        their bytes, uncached), and the writes already in a worker thread, which cannot be
+        cancelled, are waited for, whoever started them.
+        """
         if self._closed:
             return
         with trio.move_on_after(_DRAIN_ON_CLOSE):
@@ -484,6 +520,7 @@ class BlockStore:
         if self._service_scope is not None:
             self._service_scope.cancel()
             await self._service_done.wait()
+        await self._writes.wait_none()
         _release_lock(self._dir / _LOCKS, self._instance, self._lock_fd)
 
     # -- the read path ----------------------------------------------------------------------
@@ -564,7 +601,7 @@ class BlockStore:
             self._behind.acquire_nowait()
         except trio.WouldBlock:
             return False
-        self._background_started()
+        self._background.enter()
         self._nursery.start_soon(self._download_behind, ref, flight, fetch, lo)
         return True
 
@@ -583,7 +620,7 @@ class BlockStore:
             del self._flights[ref.name]
             flight.finish()
             self._behind.release()
-            self._background_ended()
+            self._background.leave()
 
     async def _download_tail_first(
         self, ref: _Ref, flight: _Flight, fetch: Fetch, split: int
@@ -638,16 +675,6 @@ class BlockStore:
         if length >= _RATE_SAMPLE and seconds > 0:
             sample = length / seconds
             self._rate = sample if self._rate is None else 0.8 * self._rate + 0.2 * sample
-
-    def _background_started(self) -> None:
-        self._background += 1
-        if self._background == 1:
-            self._background_idle = trio.Event()
-
-    def _background_ended(self) -> None:
-        self._background -= 1
-        if not self._background:
-            self._background_idle.set()
 
     async def _load(self, ref: _Ref) -> bytes | None:
         """Read and verify a block file; None when it is missing or bad (a bad one is deleted)."""
@@ -720,8 +747,11 @@ class BlockStore:
         while (eviction := self._doomed.get(ref.name)) is not None:
             await eviction.done.wait()  # an older copy is being deleted: write after that
         size = HEADER_SIZE + len(data)
-        eviction = self._make_room(size)
+        # Checked and counted with no await in between, so aclose either sees this write or
+        # this write sees the store closed (and only keeps the block in memory).
+        eviction = None if self._closed else self._make_room(size)
         if eviction is not None:
+            self._writes.enter()
             self._reserved += size
             tmp = self._dir / _TMP / f"{self._instance}.{next(self._tmp_names)}"
             final = self._path(ref.name)
@@ -747,6 +777,7 @@ class BlockStore:
             finally:
                 self._reserved -= size
                 self._finish(eviction)
+                self._writes.leave()
         self._remember(ref.name, data)
 
     # -- accounting and eviction ------------------------------------------------------------
@@ -778,9 +809,13 @@ class BlockStore:
         self._total += size
 
     def _forget(self, name: str) -> None:
+        """Stop accounting for a block (evicted, missing or bad); a scan running now may have
+        listed its file before it went, and must not count it again."""
         entry = self._index.pop(name, None)
         if entry is not None:
             self._total -= entry.size
+        for forgotten in self._scans:
+            forgotten.add(name)
 
     def _make_room(self, size: int) -> _Eviction | None:
         """Evict least recently used blocks so that `size` more bytes stay within the budget and
@@ -852,12 +887,15 @@ class BlockStore:
             finally:
                 self._finish(eviction)
 
-    def _merge_scan(self, found: list[tuple[float, str, int]], started: float) -> None:
+    def _merge_scan(
+        self, found: list[tuple[float, str, int]], started: float, forgotten: set[str]
+    ) -> None:
         """Fold a directory scan (sorted by mtime) into the LRU index.
 
         Blocks this process knows keep their place; blocks it did not know are placed by their
-        mtime (the last use any process recorded); known blocks missing from the scan and
-        unused since it started were evicted by someone else and are forgotten.
+        mtime (the last use any process recorded), unless this process `forgot` them while
+        the scan ran (their files were listed, then deleted); known blocks missing from the
+        scan and unused since it started were evicted by someone else and are forgotten.
         """
         on_disk = {name for _, name, _ in found}
         gone = [
@@ -870,7 +908,7 @@ class BlockStore:
         unknown = [
             (mtime, name, _Entry(size, mtime, mtime))
             for mtime, name, size in found
-            if name not in self._index and name not in self._doomed
+            if name not in self._index and name not in self._doomed and name not in forgotten
         ]
         if not unknown:  # the usual case with one process: the order stands as it is
             return
@@ -953,7 +991,7 @@ class BlockStore:
                 if run:
                     flights = [_Flight(downloaded=True) for _ in run]
                     self._flights.update(zip((ref.name for ref in run), flights, strict=True))
-                    self._background_started()
+                    self._background.enter()
                     nursery.start_soon(self._download_run, run, flights, chunk.fetch)
                 else:
                     self._slots.release()
@@ -1005,7 +1043,7 @@ class BlockStore:
                 del self._flights[name]
                 flight.finish()
             self._slots.release()
-            self._background_ended()
+            self._background.leave()
 
     # -- background service -----------------------------------------------------------------
 
