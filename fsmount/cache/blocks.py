@@ -27,7 +27,7 @@ import time
 import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -83,7 +83,7 @@ _TOUCH_INTERVAL = 600.0  # seconds between mtime updates of a block file that ke
 # A read at most this many of its own lengths past the last one still counts as sequential:
 # the kernel's parallel readahead requests of one reader overtake each other by a few.
 _OUT_OF_ORDER = 4
-_STREAMS = 1024  # keys whose sequential-read state is remembered
+_STREAMS = 1024  # readers (or keys read without one) whose sequential-read state is remembered
 _EVICTION_BATCH = 64  # files deleted per worker-thread call when trimming to the budget
 _IO_THREADS = 4
 # A statvfs reading serves this long (seconds), corrected by what this process stored and
@@ -148,19 +148,25 @@ class _Entry:
     synced: float  # the file's mtime as last set or seen, so touches can be rate-limited
 
 
-@dataclass(slots=True)
+@dataclass(eq=False, slots=True)
 class _Stream:
-    """Sequential-read state of one key: where the last read ended and how far to read ahead."""
+    """Sequential-read state of one reader of one key: where its last read ended, how far to
+    read ahead, and what of that is scheduled."""
 
+    key: str
     next_offset: int = 0
     window: int = 0  # readahead bytes; 0 until reads continue where the previous one ended
     ahead: int = 0  # first block index not yet scheduled for readahead
+    counted: int = 0  # blocks scheduled ahead of the reader, in the store's `_ahead`
+    queued: set[int] = field(default_factory=set)  # its chunks waiting in the queue
+    dropped: bool = False  # closed, reset or forgotten: nothing more is started for it
 
 
 @dataclass(frozen=True, slots=True)
 class _Chunk:
     """Blocks `[first, stop)` of one object, to be fetched ahead of a sequential reader."""
 
+    stream: _Stream
     digest: bytes
     size: int
     first: int
@@ -363,9 +369,10 @@ class BlockStore:
 
         `budget` bounds the bytes of block files (headers included); `min_free` is the free
         space the store always leaves on the filesystem; `readahead` caps the bytes fetched
-        ahead of one sequential reader (further capped at a quarter of the budget, so readahead
-        never evicts what is about to be read); `max_parallel` bounds concurrent readahead
-        requests; `memory` bounds the recently verified blocks kept in memory.
+        ahead of one sequential reader, and all readers together have at most a quarter of the
+        budget fetched (or queued) ahead of them, so their read-ahead blocks do not push each
+        other out; `max_parallel` bounds concurrent readahead requests; `memory` bounds the
+        recently verified blocks kept in memory.
         """
         if budget < 0 or block_size <= 0 or min_free < 0 or readahead < 0 or memory < 0:
             raise ValueError("sizes must not be negative, and block_size must be positive")
@@ -376,6 +383,7 @@ class BlockStore:
         self._block_size = block_size
         self._min_free = min_free
         self._readahead = min(readahead, budget // 4) // block_size * block_size
+        self._ahead_limit = budget // 4 // (block_size + HEADER_SIZE)  # blocks, all readers
         self._chunk_blocks = max(1, _READAHEAD_CHUNK // block_size)
         self._memory_budget = memory
         self._rescan_interval = rescan_interval
@@ -389,7 +397,10 @@ class BlockStore:
         self._flights: dict[str, _Flight] = {}
         self._memory: OrderedDict[str, bytes] = OrderedDict()
         self._memory_total = 0
-        self._streams: OrderedDict[str, _Stream] = OrderedDict()
+        # per reader (a key read without one counts as its own reader), least recent first
+        self._streams: OrderedDict[int | str, _Stream] = OrderedDict()
+        self._ahead = 0  # blocks scheduled ahead of their readers: the sum of `counted`
+        self._sequential = 0  # streams with a window, among which `_ahead_limit` is shared
         self._io = trio.CapacityLimiter(_IO_THREADS)
         self._direct = True  # O_DIRECT block writes, until the filesystem refuses them
         self._nursery: trio.Nursery | None = None  # the background service's, while it runs
@@ -399,9 +410,11 @@ class BlockStore:
         self._writes = _Running()  # block files being written by worker threads
         self._scans: list[set[str]] = []  # per running scan: the names forgotten since it began
         self._slots = trio.Semaphore(max_parallel)  # readahead downloads in flight
-        # Readahead work, oldest first; unbounded in count but not in bytes: each sequential
-        # reader has at most its window (<= readahead) queued, and a queued chunk holds no data.
-        self._queue_in, self._queue_out = trio.open_memory_channel[_Chunk](float("inf"))
+        # Readahead work, oldest first, by sequence number: bounded, as its chunks are counted
+        # in `_ahead`; a reader's chunks leave it when the reader closes. It holds no data.
+        self._queue: dict[int, _Chunk] = {}
+        self._queue_serial = itertools.count()
+        self._queue_ready = trio.Event()
         self._tmp_names = itertools.count()
         self._counters: Counter[str] = Counter()
         self._downloads = 0
@@ -430,12 +443,23 @@ class BlockStore:
     ) -> None:
         await self.aclose()
 
-    async def read(self, key: str, size: int, offset: int, length: int, fetch: Fetch) -> bytes:
+    async def read(
+        self,
+        key: str,
+        size: int,
+        offset: int,
+        length: int,
+        fetch: Fetch,
+        *,
+        reader: int | None = None,
+    ) -> bytes:
         """Return bytes `[offset, min(offset + length, size))` of the object named by `key`.
 
         `key` names one immutable byte sequence of `size` bytes (the caller puts its version in
         it). Cached blocks are served; missing ones are fetched with `fetch` and kept, and a
-        sequential reader gets the blocks after it fetched ahead in parallel.
+        sequential reader gets the blocks after it fetched ahead in parallel. `reader` names
+        an open file (its readahead is its own, and goes when `close_reader` is called);
+        without one, reads of a key share their sequential-read state.
         """
         if size < 0 or offset < 0 or length < 0:
             raise ValueError("size, offset and length must not be negative")
@@ -447,7 +471,7 @@ class BlockStore:
         await self._start_service()
         digest = _digest(self._block_size, key)
         last = (end - 1) // self._block_size
-        self._plan_readahead(key, digest, size, offset, end, last, fetch)
+        self._plan_readahead(reader, key, digest, size, offset, end, last, fetch)
         # A schedule point even when every block is in memory: it lets the readahead dispatcher
         # claim the blocks just queued, and other readers run.
         await trio.lowlevel.checkpoint()
@@ -459,6 +483,13 @@ class BlockStore:
         if len(parts) == 1 and isinstance(parts[0], bytes):
             return parts[0]  # a whole block (the kernel's 1 MiB reads), or early bytes: no copy
         return b"".join(parts)
+
+    def close_reader(self, reader: int) -> None:
+        """The reader's file is closed: its readahead not started yet is dropped (a download
+        already running finishes, and its blocks are kept)."""
+        stream = self._streams.pop(reader, None)
+        if stream is not None:
+            self._drop(stream)
 
     def stats(self) -> CacheStats:
         """A snapshot of what this store holds and has done."""
@@ -934,47 +965,93 @@ class BlockStore:
     # -- readahead --------------------------------------------------------------------------
 
     def _plan_readahead(
-        self, key: str, digest: bytes, size: int, offset: int, end: int, last: int, fetch: Fetch
+        self,
+        reader: int | None,
+        key: str,
+        digest: bytes,
+        size: int,
+        offset: int,
+        end: int,
+        last: int,
+        fetch: Fetch,
     ) -> None:
-        """Detect a sequential reader of `key` and schedule the blocks ahead of it.
+        """Detect a sequential reader and schedule the blocks ahead of it.
 
         A read starting where the previous one ended, or a few of its lengths past it (the
         kernel sends its own readahead requests in parallel, so they arrive out of order; a
         random reader almost never lands that close), doubles the window
         (up to the readahead cap); a read slightly behind it keeps the state; any other read
-        starts afresh with no readahead.
+        starts afresh with no readahead. The window is further cut to what the other readers
+        leave of the store's limit on blocks ahead (`_ahead_limit`).
         """
         if not self._readahead or not self._service_running:
             return
-        stream = self._streams.get(key)
-        near = stream is not None and (
-            stream.next_offset - self._block_size
+        ident = key if reader is None else reader
+        stream = self._streams.get(ident)
+        near = (
+            stream is not None
+            and stream.key == key
+            and stream.next_offset - self._block_size
             <= offset
             <= stream.next_offset + _OUT_OF_ORDER * (end - offset)
         )
         if stream is not None and near and offset >= stream.next_offset:
             first_window = min(self._readahead, self._chunk_blocks * self._block_size)
-            stream.window = min(self._readahead, max(2 * stream.window, first_window))
+            self._set_window(stream, min(self._readahead, max(2 * stream.window, first_window)))
         elif stream is None or not near:
-            stream = _Stream()
-            self._streams[key] = stream
+            if stream is not None:
+                self._drop(stream)
+            stream = self._streams[ident] = _Stream(key)
             if len(self._streams) > _STREAMS:
-                self._streams.popitem(last=False)
-        self._streams.move_to_end(key)
+                self._drop(self._streams.popitem(last=False)[1])
+        self._streams.move_to_end(ident)
         stream.next_offset = max(stream.next_offset, end)
+        if stream.next_offset >= size:  # read to the end: nothing left to read ahead
+            self._set_window(stream, 0)
+        self._count_ahead(stream)
         if not stream.window:
             return
         blocks = -(-size // self._block_size)
         stop = min(-(-(end + stream.window) // self._block_size), blocks)
         start = max(stream.ahead, last + 1)
+        # An equal share of the limit: a reader far ahead of the others would see its blocks
+        # grow old in the LRU, while theirs are read, before it reaches them.
+        share = self._ahead_limit // self._sequential
+        room = min(share, self._ahead_limit - (self._ahead - stream.counted))
+        stop = min(stop, -(-stream.next_offset // self._block_size) + room)
         if stop < blocks:  # whole chunks only: a reader creeping forward must not cost
             stop = start + (stop - start) // self._chunk_blocks * self._chunk_blocks  # 1-block GETs
         if stop <= start:
             return
         stream.ahead = max(stream.ahead, stop)
+        self._count_ahead(stream)
         for first in range(start, stop, self._chunk_blocks):
-            chunk = _Chunk(digest, size, first, min(first + self._chunk_blocks, stop), fetch)
-            self._queue_in.send_nowait(chunk)
+            serial = next(self._queue_serial)
+            last_block = min(first + self._chunk_blocks, stop)
+            self._queue[serial] = _Chunk(stream, digest, size, first, last_block, fetch)
+            stream.queued.add(serial)
+        self._queue_ready.set()
+
+    def _set_window(self, stream: _Stream, window: int) -> None:
+        if bool(window) != bool(stream.window):
+            self._sequential += 1 if window else -1
+        stream.window = window
+
+    def _count_ahead(self, stream: _Stream) -> None:
+        """Recount the blocks scheduled ahead of a stream's reader (it moved, or more were)."""
+        counted = max(0, stream.ahead - -(-stream.next_offset // self._block_size))
+        self._ahead += counted - stream.counted
+        stream.counted = counted
+
+    def _drop(self, stream: _Stream) -> None:
+        """Forget a stream's readahead: its queued chunks go, its blocks ahead stop counting."""
+        stream.dropped = True
+        self._set_window(stream, 0)
+        for serial in stream.queued:
+            del self._queue[serial]
+        stream.queued.clear()
+        self._ahead -= stream.counted
+        stream.counted = 0
 
     async def _dispatch_readahead(self, nursery: trio.Nursery) -> None:
         """Start queued readahead downloads in order, at most `max_parallel` at a time.
@@ -983,10 +1060,20 @@ class BlockStore:
         are registered here, in queue order, as soon as a slot frees up, so a reader reaching
         one of them waits for it instead of fetching it a second time.
         """
-        async for chunk in self._queue_out:
+        while True:
+            if not self._queue:
+                self._queue_ready = trio.Event()
+                await self._queue_ready.wait()
+                continue
+            serial = next(iter(self._queue))
+            chunk = self._queue.pop(serial)
+            chunk.stream.queued.discard(serial)
             index = chunk.first
             while index < chunk.stop:
                 await self._slots.acquire()
+                if chunk.stream.dropped:  # its reader went while a slot was awaited
+                    self._slots.release()
+                    break
                 run = list(self._missing_run(chunk.digest, chunk.size, index, chunk.stop))
                 if run:
                     flights = [_Flight(downloaded=True) for _ in run]

@@ -364,6 +364,61 @@ def test_readahead_stays_bounded_in_a_huge_object(tmp_path: Path) -> None:
     assert origin.max_active_bytes <= 4 * blocks._READAHEAD_CHUNK + MiB
 
 
+def test_closing_a_file_drops_its_queued_readahead(tmp_path: Path) -> None:
+    origin = Origin(256 * MiB, delay=0.3)
+
+    async def main() -> None:
+        async with BlockStore(
+            tmp_path, budget=GiB, min_free=0, readahead=64 * MiB, max_parallel=1
+        ) as store:
+            # Four sequential reads: one readahead request runs, three more chunks wait.
+            for offset in range(0, 512 * KiB, 128 * KiB):
+                await store.read("k", origin.size, offset, 128 * KiB, origin.fetch, reader=7)
+            await trio.sleep(0.05)
+            assert origin.calls == [(0, MiB), (MiB, 9 * MiB)]
+            store.close_reader(7)
+            await store.drain()
+            await trio.sleep(0.5)  # the slot is free again: nothing else may start
+
+    run(main)
+    assert origin.calls == [(0, MiB), (MiB, 9 * MiB)]
+
+
+def test_sequential_readers_together_never_evict_what_they_fetched_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight readers in step, each with a window of a quarter of the budget: together they
+    may only hold that quarter ahead, each its share, or their read-ahead blocks push each
+    other out before they are read."""
+    block = 64 * KiB
+    monkeypatch.setattr(blocks, "_READAHEAD_CHUNK", 2 * block)
+    origins = [Origin(48 * block, seed=seed) for seed in range(8)]
+    budget = budget_of(64, block)
+
+    async def main() -> None:
+        async with BlockStore(
+            tmp_path,
+            budget=budget,
+            block_size=block,
+            min_free=0,
+            readahead=budget // 4,
+            memory=0,
+            max_parallel=4,
+        ) as store:
+            for offset in range(0, 48 * block, 16 * KiB):
+                for reader, origin in enumerate(origins):
+                    data = await store.read(
+                        f"o{reader}", origin.size, offset, 16 * KiB, origin.fetch, reader=reader
+                    )
+                    assert data == origin.expect(offset, 16 * KiB)
+            assert store.stats().evictions > 0  # 24 blocks each: they did not all fit
+
+    run(main)
+    for origin in origins:
+        assert any(end - start > block for start, end in origin.calls)  # it read ahead
+        assert origin.fetched_bytes() == origin.size, sorted(origin.calls)  # each byte once
+
+
 def test_ten_concurrent_readers_of_one_block_cause_one_fetch(tmp_path: Path) -> None:
     origin = Origin(4 * MiB, delay=0.05)
     results: list[bytes] = []
