@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import SECRET_ENV, Mounter, wait_for
+from conftest import SECRET_ENV, Mounter, wait_for, watch_log
 from prometheus_client.parser import text_string_to_metric_families
 
 from fsmount import status
@@ -236,6 +236,7 @@ class UnitRun:
         self.run_each("ExecStartPre")
         (line,) = self.unit.values("ExecStart")
         argv, _ = self.command(line, self.env)
+        watch_log(self.log)
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd="/"
@@ -518,6 +519,7 @@ def test_mount_helper_returns_once_mounted_and_the_mount_unmounts(
     tmp_path: Path, services: DemoServices, helper_mountpoint: Path
 ) -> None:
     conf = helper_config(tmp_path, services)
+    watch_log(tmp_path / "daemon.log")
     options = (
         f"rw,_netdev,nofail,x-systemd.automount,x-systemd.idle-timeout=10min,config={conf},"
         f"cache-dir={tmp_path / 'cache'},cache_size=1G,log-file={tmp_path / 'daemon.log'}"
