@@ -34,9 +34,9 @@ from typing import Any, Self
 log = logging.getLogger(__name__)
 
 _BUSY_TIMEOUT = 5.0  # seconds the writer thread waits for the lock per attempt
-# Seconds a read may wait: in WAL mode only for a crash recovery or the last connection's
+# How long a read may wait: in WAL mode only for a crash recovery or the last connection's
 # clean-up, which take milliseconds, never for another process's write transaction.
-_READ_TIMEOUT = 0.25
+_READ_WAIT = "PRAGMA busy_timeout = 250"  # ms
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 _BATCH = 500  # keys per `IN (...)` query, well under SQLite's limit on bound parameters
 _SEEN = "SELECT key, seen FROM first_seen"
@@ -49,6 +49,7 @@ _PUT = (
     " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
 _FIRST = "INSERT INTO first_seen (key, seen) VALUES (?, ?) ON CONFLICT DO NOTHING"
+_META, _FIRST_SEEN = 0, 1  # the two halves of what waits to be written
 
 
 class MetadataStore:
@@ -69,7 +70,7 @@ class MetadataStore:
                 if source.exists():
                     os.replace(source, f"{aside}{suffix}")
             self._db = _open(self._path)
-        self._db.execute(f"PRAGMA busy_timeout = {int(_READ_TIMEOUT * 1000)}")
+        self._db.execute(_READ_WAIT)
         # Not yet committed, newest first: `_queued` (for the writer thread's next turn), then
         # `_writing` (its current one). Values as JSON text; first-seen times as numbers.
         self._wake = threading.Condition()
@@ -97,7 +98,7 @@ class MetadataStore:
         """The objects stored under `keys`, absent ones left out: one query per 500 keys
         instead of one per key, for a directory's worth of files (timings in NOTES.md)."""
         wanted = list(dict.fromkeys(keys))
-        found = self._unwritten(0, wanted)
+        found = self._unwritten(_META, wanted)
         found.update(self._select("SELECT key, value FROM meta", _without(wanted, found)))
         return {key: json.loads(value) for key, value in found.items()}
 
@@ -124,7 +125,7 @@ class MetadataStore:
         process answers it until it is (see the module docstring).
         """
         wanted = list(dict.fromkeys(keys))
-        found = self._unwritten(1, wanted)
+        found = self._unwritten(_FIRST_SEEN, wanted)
         found.update(self._select(_SEEN, _without(wanted, found)))
         missing = _without(wanted, found)
         if missing:  # only then take the write lock: listing a known directory never waits
@@ -155,7 +156,7 @@ class MetadataStore:
         return found
 
     def _unwritten(self, table: int, keys: list[str]) -> dict[str, Any]:
-        """What is waiting to be written for `keys`, in table 0 (meta) or 1 (first_seen)."""
+        """What is waiting to be written for `keys`, in `_META` or `_FIRST_SEEN`."""
         with self._wake:
             queued, writing = self._queued[table], self._writing[table]
             if not (queued or writing):
@@ -178,7 +179,7 @@ class MetadataStore:
                 raise
             return False
         finally:
-            self._db.execute(f"PRAGMA busy_timeout = {int(_READ_TIMEOUT * 1000)}")
+            self._db.execute(_READ_WAIT)
         try:
             self._db.executemany(_FIRST, ((key, now) for key in keys))
             found.update(self._select(_SEEN, keys))
@@ -193,8 +194,8 @@ class MetadataStore:
         with self._wake:
             if self._closing:  # what a write to a closed database raised before (callers know)
                 raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
-            self._queued[0].update(rows)
-            self._queued[1].update(times)
+            self._queued[_META].update(rows)
+            self._queued[_FIRST_SEEN].update(times)
             if self._writer is None:
                 self._writer = threading.Thread(
                     target=self._write_loop, name=f"metadata writer {self._path}", daemon=True
