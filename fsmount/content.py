@@ -163,9 +163,15 @@ class Content:
             log.warning("could not keep %d sizes in the metadata cache: %s", len(unsaved), exc)
 
     async def read(
-        self, blob: Blob, offset: int, length: int, version: BlobStat | None = None
+        self,
+        blob: Blob,
+        offset: int,
+        length: int,
+        version: BlobStat | None = None,
+        reader: int | None = None,
     ) -> bytes:
         """Bytes of `blob`, of the given `version` (what the reader's open saw) if given.
+        `reader` names the open file, whose readahead goes with `close_reader`.
 
         A version that is gone fails with ContentChanged (EIO) for good: a reader never gets
         bytes of two versions through one open file.
@@ -193,10 +199,14 @@ class Content:
             await self._storage.fetch(blob, start, end, etag, sink, pin)
 
         try:
-            return await self._blocks.read(block_key(blob, st), st.size, offset, length, fetch)
+            key = block_key(blob, st)
+            return await self._blocks.read(key, st.size, offset, length, fetch, reader=reader)
         except ContentChanged:
             self.forget(blob)  # the next open learns the current size/version afresh
             raise
+
+    def close_reader(self, reader: int) -> None:
+        self._blocks.close_reader(reader)
 
     def forget(self, blob: RemoteBlob) -> None:
         """Drop what is known of a blob's size and version (it changed, or failed)."""

@@ -301,13 +301,14 @@ class Operations(pyfuse3.Operations):
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         blob, version = handle
-        data = await self._bounded(self._content.read(blob, off, size, version))
+        data = await self._bounded(self._content.read(blob, off, size, version, reader=fh))
         self.stats.reads += 1
         self.stats.bytes_served += len(data)
         return data
 
     async def release(self, fh: int) -> None:
         self._file_handles.pop(fh, None)
+        self._content.close_reader(fh)  # its queued readahead goes
 
     # ----- the rest of a read-only filesystem ------------------------------------------
 

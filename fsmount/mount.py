@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import errno
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from fsmount.config import Config, grand_challenge_token_source, scenario_creden
 from fsmount.content import Content
 from fsmount.errors import StartupError
 from fsmount.fs import Operations
+from fsmount.mountinfo import read_mounts
 from fsmount.sources.grand_challenge import GrandChallenge
 from fsmount.transfer import (
     ApiClient,
@@ -37,6 +39,7 @@ from fsmount.transfer import (
     HttpPolicy,
     Storage,
     TransferStats,
+    raise_read_size,
     redact,
 )
 from fsmount.tree import Directory, TreeContext
@@ -96,8 +99,7 @@ async def raise_kernel_readahead(
     holds keeps 128 KiB requests, hence the tight re-checks, for at most a second.
     """
     await initialized.wait()
-    with open("/proc/self/mountinfo") as info:
-        devices = [f[2] for f in map(str.split, info) if f[4] == str(mountpoint)]
+    devices = [m.device for m in read_mounts() if m.mount_point == str(mountpoint)]
     if not devices:
         return
     setting = Path(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb")
@@ -113,6 +115,20 @@ async def raise_kernel_readahead(
             return
 
 
+class _GoneRequests(logging.Filter):
+    """pyfuse3 logs an ERROR when the kernel refuses a reply with ENOENT. That only means the
+    request is gone: it was interrupted, or the mount went away while the kernel's own
+    readahead was still being answered. libfuse says nothing then; this makes it debug."""
+
+    GONE = f"fuse_reply_* failed with {os.strerror(errno.ENOENT)}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.getMessage().endswith(self.GONE):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 def fuse_options(cfg: Config) -> set[str]:
     options = set(pyfuse3.default_options)  # default_permissions
     options |= {"fsname=fsmount", "subtype=fsmount", "ro", "nosuid", "nodev", "noatime"}
@@ -121,8 +137,16 @@ def fuse_options(cfg: Config) -> set[str]:
     return options
 
 
-async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> None:
-    """Mount at `mountpoint` and serve until unmounted or told to stop by a signal."""
+async def serve(
+    cfg: Config, mountpoint: Path, ready: Callable[[], None], *, hangup_unmounts: bool = False
+) -> None:
+    """Mount at `mountpoint` and serve until unmounted or told to stop by a signal.
+
+    SIGHUP drops the cached listings (`systemctl reload`), unless `hangup_unmounts`: for an
+    interactive mount, it means its terminal closed, and it unmounts as on Ctrl-C.
+    """
+    raise_read_size()
+    logging.getLogger("pyfuse3").addFilter(_GoneRequests())
     with trio.open_signal_receiver(
         signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1
     ) as signals:
@@ -208,7 +232,18 @@ async def serve(cfg: Config, mountpoint: Path, ready: Callable[[], None]) -> Non
                 metrics = await status.open_metrics_listeners(cfg.metrics_port)
                 for listener in metrics:
                     stack.push_async_callback(listener.aclose)
-            await _run_fuse(ops, cfg, mountpoint, signals, ctx, ready, collect, metrics, commands)
+            await _run_fuse(
+                ops,
+                cfg,
+                mountpoint,
+                signals,
+                ctx,
+                ready,
+                collect,
+                metrics,
+                commands,
+                hangup_unmounts,
+            )
 
 
 def status_collector(
@@ -263,6 +298,7 @@ async def _run_fuse(
     collect: status.Collect,
     metrics: Sequence[trio.SocketListener],
     commands: Mapping[str, status.Command],
+    hangup_unmounts: bool,
 ) -> None:
     try:
         pyfuse3.init(ops, str(mountpoint), fuse_options(cfg))
@@ -276,7 +312,7 @@ async def _run_fuse(
             async def on_signals() -> None:
                 nonlocal stopping
                 async for signum in signals:
-                    if signum == signal.SIGHUP:
+                    if signum == signal.SIGHUP and not hangup_unmounts:
                         log.info("SIGHUP: dropping cached listings")
                         ctx.invalidate_all()
                         continue

@@ -68,6 +68,7 @@ from typing import Any, Literal, TextIO
 import trio
 
 from fsmount.errors import StartupError
+from fsmount.mountinfo import MOUNTINFO, read_mounts
 
 log = logging.getLogger(__name__)
 
@@ -152,33 +153,14 @@ def control_path(status_socket: Path) -> Path:
     return status_socket.with_suffix(CONTROL_SUFFIX)
 
 
-def running_mounts(owner: int | None = None, mountinfo: str = "/proc/self/mountinfo") -> list[Path]:
+def running_mounts(owner: int | None = None, mountinfo: str = MOUNTINFO) -> list[Path]:
     """Mount points of fsmount mounts (type `fuse.fsmount`), optionally only `owner`'s."""
-    found: list[Path] = []
-    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as info:
-        for line in info:
-            fields = line.split()
-            try:
-                dash = fields.index("-")
-            except ValueError:
-                continue
-            if fields[dash + 1] != "fuse.fsmount":
-                continue
-            if owner is not None:
-                options = dict(
-                    opt.partition("=")[::2] for opt in fields[dash + 3].split(",") if "=" in opt
-                )
-                if options.get("user_id") != str(owner):
-                    continue
-            found.append(Path(_unescape_mountinfo(fields[4])))
-    return found
-
-
-def _unescape_mountinfo(field: str) -> str:
-    """Mountinfo writes space, tab, newline and backslash as 3-digit octal escapes."""
-    for code in ("040", "011", "012", "134"):
-        field = field.replace("\\" + code, chr(int(code, 8)))
-    return field
+    return [
+        Path(entry.mount_point)
+        for entry in read_mounts(mountinfo)
+        if entry.fstype == "fuse.fsmount"
+        and (owner is None or entry.super_option("user_id") == str(owner))
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,12 +15,14 @@ Policy, in one place:
 from __future__ import annotations
 
 import base64
+import calendar
 import dataclasses
 import email.utils
 import errno
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import ssl
@@ -49,12 +51,27 @@ DEFAULT_URL_TTL = 60.0
 _POOL_SHARDS = 4  # httpx clients per service and for storage (see _Clients)
 _URL_BOOK_SIZE = 100_000  # signed URLs remembered at once (a URL is a few hundred bytes)
 
-# httpcore reads a response body 64 KiB at a time; each read costs a trip through h11, httpcore
-# and httpx in Python, which was a large share of the mount's CPU on a fast sequential read.
-# A larger ceiling lets one socket read return whatever has arrived (recv never waits to fill
-# it), so a 4 MiB range takes a few reads instead of sixty-four.
-if hasattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES"):
-    httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
+_READ_CEILING = 1 << 20  # bytes one socket read may hand over (see raise_read_size)
+
+
+def raise_read_size() -> None:
+    """Let one socket read hand over whatever has arrived, up to 1 MiB (httpcore: 64 KiB).
+
+    Each read costs a trip through h11, httpcore and httpx in Python, which was a large share
+    of the mount's CPU on a fast sequential read; recv never waits to fill the ceiling, so a
+    4 MiB range takes a few reads instead of sixty-four. httpcore has no setting for it, only
+    the class attribute changed here: a version without it is a warning at mount, never a
+    silent slowdown (and tests/unit/test_transfer_policy.py fails on it).
+    """
+    connection = httpcore.AsyncHTTP11Connection
+    if isinstance(getattr(connection, "READ_NUM_BYTES", None), int):
+        connection.READ_NUM_BYTES = _READ_CEILING
+    else:
+        log.warning(
+            "httpcore %s has no AsyncHTTP11Connection.READ_NUM_BYTES: downloads read 64 KiB at"
+            " a time and cost more CPU (see fsmount/transfer.py)",
+            httpcore.__version__,
+        )
 
 
 @dataclass(frozen=True)
@@ -113,8 +130,8 @@ def url_expiry(url: str, now: float | None = None) -> float:
         if "Expires" in query:
             return float(query["Expires"][0])
         if "X-Amz-Expires" in query and "X-Amz-Date" in query:
-            start = time.mktime(time.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ"))
-            return start - time.timezone + float(query["X-Amz-Expires"][0])
+            start = calendar.timegm(time.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ"))
+            return start + float(query["X-Amz-Expires"][0])
         if "Policy" in query:
             raw = query["Policy"][0].replace("-", "+").replace("_", "=").replace("~", "/")
             policy = json.loads(base64.b64decode(raw + "=" * (-len(raw) % 4)))
@@ -136,23 +153,46 @@ def status_errno(status: int) -> int:
     return errno.EIO
 
 
+def _http_date(value: str) -> float | None:
+    """An HTTP date as seconds since the epoch, or None when it is not one.
+
+    Every form HTTP allows means GMT, the asctime form too, though it writes no zone: the
+    zone-less result of `email.utils` must not be read as local time.
+    """
+    try:
+        parsed = email.utils.parsedate_tz(value)
+        if parsed is None:
+            return None
+        return float(calendar.timegm((*parsed[:6], 0, 0, 0)) - (parsed[9] or 0))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
 def _retry_after(response: httpx.Response) -> float | None:
-    """Seconds the server asked us to wait (`Retry-After`, or a `remainingSeconds` body)."""
+    """Seconds the server asked us to wait (`Retry-After`, or a `remainingSeconds` body).
+
+    Anything else than a finite number of seconds or an HTTP date is no hint: the caller
+    backs off as usual rather than failing a read over a header.
+    """
+    wait: float | None = None
     value = response.headers.get("Retry-After")
     if value:
         try:
-            return max(0.0, float(value))
+            wait = float(value)
         except ValueError:
-            parsed = email.utils.parsedate_to_datetime(value)
-            return max(0.0, parsed.timestamp() - time.time())
-    if response.headers.get("Content-Type", "").startswith("application/json"):
+            when = _http_date(value)
+            wait = None if when is None else when - time.time()
+    elif response.headers.get("Content-Type", "").startswith("application/json"):
         try:
             body = response.json()
         except ValueError:
             return None
-        if isinstance(body, dict) and isinstance(body.get("remainingSeconds"), int | float):
-            return max(0.0, float(body["remainingSeconds"]))
-    return None
+        seconds = body.get("remainingSeconds") if isinstance(body, dict) else None
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+            wait = float(seconds)
+    if wait is None or not math.isfinite(wait):
+        return None
+    return max(0.0, wait)
 
 
 class _Attempts:
@@ -586,10 +626,5 @@ def _etag(response: httpx.Response) -> str | None:
 
 
 def _last_modified(response: httpx.Response) -> float:
-    value = response.headers.get("Last-Modified")
-    if value:
-        try:
-            return email.utils.parsedate_to_datetime(value).timestamp()
-        except (TypeError, ValueError):
-            pass
-    return 0.0
+    when = _http_date(response.headers.get("Last-Modified", ""))
+    return 0.0 if when is None else when

@@ -2,24 +2,37 @@
 
 Every mount is a subprocess of `python -m fsmount mount --foreground`, and every fixture
 unmounts in `finally` (`fusermount3 -u -z`), so a failing test never leaves a mount behind.
+
+Many failure paths of the mount only log, so a test also fails when a mount it ran logged a
+warning or an error that the test did not declare (`checklogs`, in the spirit of S3QL's
+`pytest_checklogs`): declare one with `mounter.start(..., expect_logs=[regex])` or
+`mount.expect_logs(regex)`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from fsmount.demo.services import DemoServices, start_demo_services
+from fsmount.mountinfo import read_mounts
+
+# Warnings the product logs by design in the situations the tests create (regexes).
+SKIPPED_EDGE_CASES = r"demo-edge-cases/[^:]*: skipping "  # hostile values, left out and logged
+GAVE_UP = r"giving up after \d+ tries"  # a request retried until its budget was spent
+CHANGED = r"the remote file changed while being read"  # EIO for a file replaced under a reader
+STALE_LISTING = r"refreshing \S+ failed; serving the last listing"  # a service down
 
 SECRET_ENV = (
     "GRAND_CHALLENGE_AUTHORIZATION",
@@ -60,8 +73,80 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def fsmount_mounts() -> list[str]:
-    with open("/proc/self/mountinfo") as info:
-        return [line.split()[4] for line in info if "fuse.fsmount" in line]
+    return [m.mount_point for m in read_mounts() if m.fstype == "fuse.fsmount"]
+
+
+# A record as fsmount's logging writes it (cli.setup_logging), with or without the time.
+_RECORD = re.compile(
+    r"(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} )?(DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: "
+)
+_QUIET = ("DEBUG", "INFO")
+
+
+def unexpected_logs(text: str, expected: Sequence[str] = ()) -> list[str]:
+    """The records of a log at WARNING or above that match none of the `expected` regexes
+    (searched in the record's first line), and tracebacks not part of such a record (an
+    exception nothing caught)."""
+    found: list[str] = []
+    level: str | None = None  # of the record the current line belongs to
+    for line in text.splitlines():
+        record = _RECORD.match(line)
+        if record is not None:
+            level = record.group(1)
+        elif line.startswith("Traceback (most recent call last):") and level in (None, *_QUIET):
+            level = "CRITICAL"  # an exception nothing logged, printed as the process died
+        else:
+            continue
+        if level not in _QUIET and not any(re.search(p, line) for p in expected):
+            found.append(line)
+    return found
+
+
+@dataclass
+class WatchedLog:
+    """The output of a process a test started, checked for warnings after each test."""
+
+    path: Path
+    expected: list[str] = field(default_factory=list)  # regexes of the records allowed
+    checked: int = 0  # bytes already checked, by an earlier test
+
+    def unchecked(self) -> list[str]:
+        """What was logged since the last check, up to the last complete line."""
+        try:
+            data = self.path.read_bytes()[self.checked :]
+        except FileNotFoundError:
+            return []
+        data = data[: data.rfind(b"\n") + 1]
+        self.checked += len(data)
+        return unexpected_logs(data.decode(errors="replace"), self.expected)
+
+
+_WATCHED: list[WatchedLog] = []
+
+
+def watch_log(path: Path, expected: Sequence[str] = ()) -> WatchedLog:
+    """Have `checklogs` check the log at `path` after this test and every later one."""
+    watched = WatchedLog(path, list(expected))
+    _WATCHED.append(watched)
+    return watched
+
+
+@pytest.fixture(autouse=True)
+def checklogs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test whose mounts logged a warning or error it did not declare.
+
+    Autouse fixtures are set up first, so this one is torn down last: after the mounts of the
+    test were stopped, with their last words.
+    """
+    yield
+    found = {str(w.path): lines for w in _WATCHED if (lines := w.unchecked())}
+    if found:
+        report = "\n".join(f"{path}:\n  " + "\n  ".join(lines) for path, lines in found.items())
+        pytest.fail(
+            f"{request.node.name}: unexpected warnings or errors were logged (declare the"
+            f" expected ones with expect_logs):\n{report}",
+            pytrace=False,
+        )
 
 
 @dataclass
@@ -71,10 +156,15 @@ class Mount:
     path: Path
     proc: subprocess.Popen[bytes]
     log_path: Path
+    watched: WatchedLog
     stopped: bool = field(default=False)
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def expect_logs(self, *patterns: str) -> None:
+        """Warnings or errors this mount may log from now on (regexes), without failing."""
+        self.watched.expected.extend(patterns)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Signal the mount and wait for it to exit; returns its exit code."""
@@ -122,9 +212,11 @@ class Mounter:
         cache_dir: Path | None = None,
         env: dict[str, str] | None = None,
         wait: bool = True,
+        expect_logs: Sequence[str] = (),
+        name: str | None = None,
     ) -> Mount:
         self._count += 1
-        path = self.base / f"mnt{self._count}"
+        path = self.base / (name or f"mnt{self._count}")
         path.mkdir()
         log_path = self.base / f"mount{self._count}.log"
         cache = cache_dir or self.base / f"cache{self._count}"
@@ -134,7 +226,7 @@ class Mounter:
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(env), cwd=self.base
             )
-        mount = Mount(path, proc, log_path)
+        mount = Mount(path, proc, log_path, watch_log(log_path, expect_logs))
         self.mounts.append(mount)
         if wait:
 
@@ -183,7 +275,7 @@ def shared_mount(
     """One mount of both services for the read-only tests that do not count requests."""
     mounter = Mounter(tmp_path_factory.mktemp("shared"), services)
     try:
-        yield mounter.start()
+        yield mounter.start(expect_logs=[SKIPPED_EDGE_CASES])
     finally:
         mounter.cleanup()
 

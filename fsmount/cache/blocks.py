@@ -27,7 +27,7 @@ import time
 import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -83,7 +83,7 @@ _TOUCH_INTERVAL = 600.0  # seconds between mtime updates of a block file that ke
 # A read at most this many of its own lengths past the last one still counts as sequential:
 # the kernel's parallel readahead requests of one reader overtake each other by a few.
 _OUT_OF_ORDER = 4
-_STREAMS = 1024  # keys whose sequential-read state is remembered
+_STREAMS = 1024  # readers (or keys read without one) whose sequential-read state is remembered
 _EVICTION_BATCH = 64  # files deleted per worker-thread call when trimming to the budget
 _IO_THREADS = 4
 # A statvfs reading serves this long (seconds), corrected by what this process stored and
@@ -148,19 +148,25 @@ class _Entry:
     synced: float  # the file's mtime as last set or seen, so touches can be rate-limited
 
 
-@dataclass(slots=True)
+@dataclass(eq=False, slots=True)
 class _Stream:
-    """Sequential-read state of one key: where the last read ended and how far to read ahead."""
+    """Sequential-read state of one reader of one key: where its last read ended, how far to
+    read ahead, and what of that is scheduled."""
 
+    key: str
     next_offset: int = 0
     window: int = 0  # readahead bytes; 0 until reads continue where the previous one ended
     ahead: int = 0  # first block index not yet scheduled for readahead
+    counted: int = 0  # blocks scheduled ahead of the reader, in the store's `_ahead`
+    queued: set[int] = field(default_factory=set)  # its chunks waiting in the queue
+    dropped: bool = False  # closed, reset or forgotten: nothing more is started for it
 
 
 @dataclass(frozen=True, slots=True)
 class _Chunk:
     """Blocks `[first, stop)` of one object, to be fetched ahead of a sequential reader."""
 
+    stream: _Stream
     digest: bytes
     size: int
     first: int
@@ -299,6 +305,31 @@ class _Cutter:
         await self._complete(len(self._lengths) - 1, self._last)
 
 
+class _Running:
+    """How many of some kind of work are running, and a way to wait until none is."""
+
+    __slots__ = ("_none", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._none = trio.Event()
+        self._none.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        if self.count == 1:
+            self._none = trio.Event()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if not self.count:
+            self._none.set()
+
+    async def wait_none(self) -> None:
+        while self.count:  # another may have started between the event and this check
+            await self._none.wait()
+
+
 class _Eviction:
     """Blocks already forgotten by the index whose files a worker thread is deleting."""
 
@@ -338,9 +369,10 @@ class BlockStore:
 
         `budget` bounds the bytes of block files (headers included); `min_free` is the free
         space the store always leaves on the filesystem; `readahead` caps the bytes fetched
-        ahead of one sequential reader (further capped at a quarter of the budget, so readahead
-        never evicts what is about to be read); `max_parallel` bounds concurrent readahead
-        requests; `memory` bounds the recently verified blocks kept in memory.
+        ahead of one sequential reader, and all readers together have at most a quarter of the
+        budget fetched (or queued) ahead of them, so their read-ahead blocks do not push each
+        other out; `max_parallel` bounds concurrent readahead requests; `memory` bounds the
+        recently verified blocks kept in memory.
         """
         if budget < 0 or block_size <= 0 or min_free < 0 or readahead < 0 or memory < 0:
             raise ValueError("sizes must not be negative, and block_size must be positive")
@@ -351,6 +383,7 @@ class BlockStore:
         self._block_size = block_size
         self._min_free = min_free
         self._readahead = min(readahead, budget // 4) // block_size * block_size
+        self._ahead_limit = budget // 4 // (block_size + HEADER_SIZE)  # blocks, all readers
         self._chunk_blocks = max(1, _READAHEAD_CHUNK // block_size)
         self._memory_budget = memory
         self._rescan_interval = rescan_interval
@@ -364,19 +397,24 @@ class BlockStore:
         self._flights: dict[str, _Flight] = {}
         self._memory: OrderedDict[str, bytes] = OrderedDict()
         self._memory_total = 0
-        self._streams: OrderedDict[str, _Stream] = OrderedDict()
+        # per reader (a key read without one counts as its own reader), least recent first
+        self._streams: OrderedDict[int | str, _Stream] = OrderedDict()
+        self._ahead = 0  # blocks scheduled ahead of their readers: the sum of `counted`
+        self._sequential = 0  # streams with a window, among which `_ahead_limit` is shared
         self._io = trio.CapacityLimiter(_IO_THREADS)
         self._direct = True  # O_DIRECT block writes, until the filesystem refuses them
         self._nursery: trio.Nursery | None = None  # the background service's, while it runs
         self._behind = trio.Semaphore(_BEHIND)
         self._rate: float | None = None  # bytes per second of recent fetches (moving average)
-        self._background = 0  # downloads running without a reader waiting for all of them
-        self._background_idle = trio.Event()  # set while there are none
-        self._background_idle.set()
+        self._background = _Running()  # downloads without a reader waiting for all of them
+        self._writes = _Running()  # block files being written by worker threads
+        self._scans: list[set[str]] = []  # per running scan: the names forgotten since it began
         self._slots = trio.Semaphore(max_parallel)  # readahead downloads in flight
-        # Readahead work, oldest first; unbounded in count but not in bytes: each sequential
-        # reader has at most its window (<= readahead) queued, and a queued chunk holds no data.
-        self._queue_in, self._queue_out = trio.open_memory_channel[_Chunk](float("inf"))
+        # Readahead work, oldest first, by sequence number: bounded, as its chunks are counted
+        # in `_ahead`; a reader's chunks leave it when the reader closes. It holds no data.
+        self._queue: dict[int, _Chunk] = {}
+        self._queue_serial = itertools.count()
+        self._queue_ready = trio.Event()
         self._tmp_names = itertools.count()
         self._counters: Counter[str] = Counter()
         self._downloads = 0
@@ -405,12 +443,23 @@ class BlockStore:
     ) -> None:
         await self.aclose()
 
-    async def read(self, key: str, size: int, offset: int, length: int, fetch: Fetch) -> bytes:
+    async def read(
+        self,
+        key: str,
+        size: int,
+        offset: int,
+        length: int,
+        fetch: Fetch,
+        *,
+        reader: int | None = None,
+    ) -> bytes:
         """Return bytes `[offset, min(offset + length, size))` of the object named by `key`.
 
         `key` names one immutable byte sequence of `size` bytes (the caller puts its version in
         it). Cached blocks are served; missing ones are fetched with `fetch` and kept, and a
-        sequential reader gets the blocks after it fetched ahead in parallel.
+        sequential reader gets the blocks after it fetched ahead in parallel. `reader` names
+        an open file (its readahead is its own, and goes when `close_reader` is called);
+        without one, reads of a key share their sequential-read state.
         """
         if size < 0 or offset < 0 or length < 0:
             raise ValueError("size, offset and length must not be negative")
@@ -422,7 +471,7 @@ class BlockStore:
         await self._start_service()
         digest = _digest(self._block_size, key)
         last = (end - 1) // self._block_size
-        self._plan_readahead(key, digest, size, offset, end, last, fetch)
+        self._plan_readahead(reader, key, digest, size, offset, end, last, fetch)
         # A schedule point even when every block is in memory: it lets the readahead dispatcher
         # claim the blocks just queued, and other readers run.
         await trio.lowlevel.checkpoint()
@@ -462,6 +511,13 @@ class BlockStore:
             if ref.name not in self._flights and not self._stored(ref):
                 await self._store(ref, data[ref.start : ref.end])
 
+    def close_reader(self, reader: int) -> None:
+        """The reader's file is closed: its readahead not started yet is dropped (a download
+        already running finishes, and its blocks are kept)."""
+        stream = self._streams.pop(reader, None)
+        if stream is not None:
+            self._drop(stream)
+
     def stats(self) -> CacheStats:
         """A snapshot of what this store holds and has done."""
         return CacheStats(
@@ -488,8 +544,13 @@ class BlockStore:
         calls this every `rescan_interval` seconds so this process's accounting follows them.
         """
         started = time.time()
-        found = await trio.to_thread.run_sync(_scan_blocks, self._dir, limiter=self._io)
-        self._merge_scan(found, started)
+        forgotten: set[str] = set()  # by this process while the directory is listed
+        self._scans.append(forgotten)
+        try:
+            found = await trio.to_thread.run_sync(_scan_blocks, self._dir, limiter=self._io)
+        finally:
+            self._scans.remove(forgotten)
+        self._merge_scan(found, started, forgotten)
         await self._trim()
         self._index_complete = True
 
@@ -497,12 +558,18 @@ class BlockStore:
         """Wait until the downloads running in the background (left behind readers, or read
         ahead) have stored their blocks or failed: after it, every block a reader was given
         bytes of is on disk, unless it could not be stored."""
-        await self._background_idle.wait()
+        await self._background.wait_none()
 
     async def aclose(self) -> None:
         """Finish the downloads behind readers (what was read stays read; a few seconds at
         most), stop background work and release the directory (the files stay for the next
-        run)."""
+        run).
+
+        The lock is what tells other processes that this one's temporary files are being
+        written, so it goes last: once closed, no write starts (readers still in `read` get
+        their bytes, uncached), and the writes already in a worker thread, which cannot be
+        cancelled, are waited for, whoever started them.
+        """
         if self._closed:
             return
         with trio.move_on_after(_DRAIN_ON_CLOSE):
@@ -511,6 +578,7 @@ class BlockStore:
         if self._service_scope is not None:
             self._service_scope.cancel()
             await self._service_done.wait()
+        await self._writes.wait_none()
         _release_lock(self._dir / _LOCKS, self._instance, self._lock_fd)
 
     # -- the read path ----------------------------------------------------------------------
@@ -591,7 +659,7 @@ class BlockStore:
             self._behind.acquire_nowait()
         except trio.WouldBlock:
             return False
-        self._background_started()
+        self._background.enter()
         self._nursery.start_soon(self._download_behind, ref, flight, fetch, lo)
         return True
 
@@ -610,7 +678,7 @@ class BlockStore:
             del self._flights[ref.name]
             flight.finish()
             self._behind.release()
-            self._background_ended()
+            self._background.leave()
 
     async def _download_tail_first(
         self, ref: _Ref, flight: _Flight, fetch: Fetch, split: int
@@ -665,16 +733,6 @@ class BlockStore:
         if length >= _RATE_SAMPLE and seconds > 0:
             sample = length / seconds
             self._rate = sample if self._rate is None else 0.8 * self._rate + 0.2 * sample
-
-    def _background_started(self) -> None:
-        self._background += 1
-        if self._background == 1:
-            self._background_idle = trio.Event()
-
-    def _background_ended(self) -> None:
-        self._background -= 1
-        if not self._background:
-            self._background_idle.set()
 
     async def _load(self, ref: _Ref) -> bytes | None:
         """Read and verify a block file; None when it is missing or bad (a bad one is deleted)."""
@@ -747,8 +805,11 @@ class BlockStore:
         while (eviction := self._doomed.get(ref.name)) is not None:
             await eviction.done.wait()  # an older copy is being deleted: write after that
         size = HEADER_SIZE + len(data)
-        eviction = self._make_room(size)
+        # Checked and counted with no await in between, so aclose either sees this write or
+        # this write sees the store closed (and only keeps the block in memory).
+        eviction = None if self._closed else self._make_room(size)
         if eviction is not None:
+            self._writes.enter()
             self._reserved += size
             tmp = self._dir / _TMP / f"{self._instance}.{next(self._tmp_names)}"
             final = self._path(ref.name)
@@ -774,6 +835,7 @@ class BlockStore:
             finally:
                 self._reserved -= size
                 self._finish(eviction)
+                self._writes.leave()
         self._remember(ref.name, data)
 
     # -- accounting and eviction ------------------------------------------------------------
@@ -805,9 +867,13 @@ class BlockStore:
         self._total += size
 
     def _forget(self, name: str) -> None:
+        """Stop accounting for a block (evicted, missing or bad); a scan running now may have
+        listed its file before it went, and must not count it again."""
         entry = self._index.pop(name, None)
         if entry is not None:
             self._total -= entry.size
+        for forgotten in self._scans:
+            forgotten.add(name)
 
     def _make_room(self, size: int) -> _Eviction | None:
         """Evict least recently used blocks so that `size` more bytes stay within the budget and
@@ -879,12 +945,15 @@ class BlockStore:
             finally:
                 self._finish(eviction)
 
-    def _merge_scan(self, found: list[tuple[float, str, int]], started: float) -> None:
+    def _merge_scan(
+        self, found: list[tuple[float, str, int]], started: float, forgotten: set[str]
+    ) -> None:
         """Fold a directory scan (sorted by mtime) into the LRU index.
 
         Blocks this process knows keep their place; blocks it did not know are placed by their
-        mtime (the last use any process recorded); known blocks missing from the scan and
-        unused since it started were evicted by someone else and are forgotten.
+        mtime (the last use any process recorded), unless this process `forgot` them while
+        the scan ran (their files were listed, then deleted); known blocks missing from the
+        scan and unused since it started were evicted by someone else and are forgotten.
         """
         on_disk = {name for _, name, _ in found}
         gone = [
@@ -897,7 +966,7 @@ class BlockStore:
         unknown = [
             (mtime, name, _Entry(size, mtime, mtime))
             for mtime, name, size in found
-            if name not in self._index and name not in self._doomed
+            if name not in self._index and name not in self._doomed and name not in forgotten
         ]
         if not unknown:  # the usual case with one process: the order stands as it is
             return
@@ -923,47 +992,93 @@ class BlockStore:
     # -- readahead --------------------------------------------------------------------------
 
     def _plan_readahead(
-        self, key: str, digest: bytes, size: int, offset: int, end: int, last: int, fetch: Fetch
+        self,
+        reader: int | None,
+        key: str,
+        digest: bytes,
+        size: int,
+        offset: int,
+        end: int,
+        last: int,
+        fetch: Fetch,
     ) -> None:
-        """Detect a sequential reader of `key` and schedule the blocks ahead of it.
+        """Detect a sequential reader and schedule the blocks ahead of it.
 
         A read starting where the previous one ended, or a few of its lengths past it (the
         kernel sends its own readahead requests in parallel, so they arrive out of order; a
         random reader almost never lands that close), doubles the window
         (up to the readahead cap); a read slightly behind it keeps the state; any other read
-        starts afresh with no readahead.
+        starts afresh with no readahead. The window is further cut to what the other readers
+        leave of the store's limit on blocks ahead (`_ahead_limit`).
         """
         if not self._readahead or not self._service_running:
             return
-        stream = self._streams.get(key)
-        near = stream is not None and (
-            stream.next_offset - self._block_size
+        ident = key if reader is None else reader
+        stream = self._streams.get(ident)
+        near = (
+            stream is not None
+            and stream.key == key
+            and stream.next_offset - self._block_size
             <= offset
             <= stream.next_offset + _OUT_OF_ORDER * (end - offset)
         )
         if stream is not None and near and offset >= stream.next_offset:
             first_window = min(self._readahead, self._chunk_blocks * self._block_size)
-            stream.window = min(self._readahead, max(2 * stream.window, first_window))
+            self._set_window(stream, min(self._readahead, max(2 * stream.window, first_window)))
         elif stream is None or not near:
-            stream = _Stream()
-            self._streams[key] = stream
+            if stream is not None:
+                self._drop(stream)
+            stream = self._streams[ident] = _Stream(key)
             if len(self._streams) > _STREAMS:
-                self._streams.popitem(last=False)
-        self._streams.move_to_end(key)
+                self._drop(self._streams.popitem(last=False)[1])
+        self._streams.move_to_end(ident)
         stream.next_offset = max(stream.next_offset, end)
+        if stream.next_offset >= size:  # read to the end: nothing left to read ahead
+            self._set_window(stream, 0)
+        self._count_ahead(stream)
         if not stream.window:
             return
         blocks = -(-size // self._block_size)
         stop = min(-(-(end + stream.window) // self._block_size), blocks)
         start = max(stream.ahead, last + 1)
+        # An equal share of the limit: a reader far ahead of the others would see its blocks
+        # grow old in the LRU, while theirs are read, before it reaches them.
+        share = self._ahead_limit // self._sequential
+        room = min(share, self._ahead_limit - (self._ahead - stream.counted))
+        stop = min(stop, -(-stream.next_offset // self._block_size) + room)
         if stop < blocks:  # whole chunks only: a reader creeping forward must not cost
             stop = start + (stop - start) // self._chunk_blocks * self._chunk_blocks  # 1-block GETs
         if stop <= start:
             return
         stream.ahead = max(stream.ahead, stop)
+        self._count_ahead(stream)
         for first in range(start, stop, self._chunk_blocks):
-            chunk = _Chunk(digest, size, first, min(first + self._chunk_blocks, stop), fetch)
-            self._queue_in.send_nowait(chunk)
+            serial = next(self._queue_serial)
+            last_block = min(first + self._chunk_blocks, stop)
+            self._queue[serial] = _Chunk(stream, digest, size, first, last_block, fetch)
+            stream.queued.add(serial)
+        self._queue_ready.set()
+
+    def _set_window(self, stream: _Stream, window: int) -> None:
+        if bool(window) != bool(stream.window):
+            self._sequential += 1 if window else -1
+        stream.window = window
+
+    def _count_ahead(self, stream: _Stream) -> None:
+        """Recount the blocks scheduled ahead of a stream's reader (it moved, or more were)."""
+        counted = max(0, stream.ahead - -(-stream.next_offset // self._block_size))
+        self._ahead += counted - stream.counted
+        stream.counted = counted
+
+    def _drop(self, stream: _Stream) -> None:
+        """Forget a stream's readahead: its queued chunks go, its blocks ahead stop counting."""
+        stream.dropped = True
+        self._set_window(stream, 0)
+        for serial in stream.queued:
+            del self._queue[serial]
+        stream.queued.clear()
+        self._ahead -= stream.counted
+        stream.counted = 0
 
     async def _dispatch_readahead(self, nursery: trio.Nursery) -> None:
         """Start queued readahead downloads in order, at most `max_parallel` at a time.
@@ -972,15 +1087,25 @@ class BlockStore:
         are registered here, in queue order, as soon as a slot frees up, so a reader reaching
         one of them waits for it instead of fetching it a second time.
         """
-        async for chunk in self._queue_out:
+        while True:
+            if not self._queue:
+                self._queue_ready = trio.Event()
+                await self._queue_ready.wait()
+                continue
+            serial = next(iter(self._queue))
+            chunk = self._queue.pop(serial)
+            chunk.stream.queued.discard(serial)
             index = chunk.first
             while index < chunk.stop:
                 await self._slots.acquire()
+                if chunk.stream.dropped:  # its reader went while a slot was awaited
+                    self._slots.release()
+                    break
                 run = list(self._missing_run(chunk.digest, chunk.size, index, chunk.stop))
                 if run:
                     flights = [_Flight(downloaded=True) for _ in run]
                     self._flights.update(zip((ref.name for ref in run), flights, strict=True))
-                    self._background_started()
+                    self._background.enter()
                     nursery.start_soon(self._download_run, run, flights, chunk.fetch)
                 else:
                     self._slots.release()
@@ -1037,7 +1162,7 @@ class BlockStore:
                 del self._flights[name]
                 flight.finish()
             self._slots.release()
-            self._background_ended()
+            self._background.leave()
 
     # -- background service -----------------------------------------------------------------
 

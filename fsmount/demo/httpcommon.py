@@ -548,8 +548,8 @@ class Faults:
     Rates are probabilities per request, drawn from the injector's seeded generator, so a
     sequential test sees the same faults on every run. `scripted` and `fail_next` are the exact
     forms, considered before any rate: the next matching requests get the `scripted` answers,
-    one each and in order (`(status, Retry-After seconds or None)`), then the next `fail_next`
-    ones fail with `error_statuses[0]`.
+    one each and in order (`(status, Retry-After or None)`), then the next `fail_next` ones fail
+    with `error_statuses[0]`. A Retry-After is seconds, or any text (a malformed header).
 
     A full outage with connections refused is not an ASGI matter: see `RunningServer.refuse`
     and `FakeService.refusing_connections`.
@@ -558,11 +558,11 @@ class Faults:
     path_pattern: str = ""  # regex searched in the request path; "" matches everything
     latency: float = 0.0  # seconds before the answer starts (a stall before the headers)
     outage: bool = False  # every request gets 503, as from a load balancer with no backend
-    scripted: tuple[tuple[int, int | None], ...] = ()
+    scripted: tuple[tuple[int, int | str | None], ...] = ()
     fail_next: int = 0
     error_rate: float = 0.0
     error_statuses: tuple[int, ...] = (429, 502, 503, 504)
-    retry_after: int | None = 1  # seconds, sent with 429 and 503 errors; None: no header
+    retry_after: int | str | None = 1  # sent with 429 and 503 errors; None: no header
     # Scenario's cooldown form: 429 bodies are `{"reason", "remainingSeconds"}` (None: GC-style
     # `{"detail"}` bodies, no `remainingSeconds`)
     remaining_seconds: float | None = None
@@ -594,7 +594,7 @@ class _Plan:
     latency: float
     fault: str | None  # "outage" or "error" when `status` is set
     status: int | None
-    retry_after: int | None
+    retry_after: int | str | None
     remaining_seconds: float | None
     interrupt: str | None  # "cut" or "stall"
     stall_seconds: float

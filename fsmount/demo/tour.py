@@ -7,10 +7,12 @@ any other program would, while trio serves its requests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
 import threading
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -104,6 +106,8 @@ def run_demo(mountpoint: Path) -> int:
         def ready() -> None:
             threading.Thread(target=_tour, args=(mountpoint,), daemon=True).start()
 
-        trio.run(serve, cfg, mountpoint, ready)
-    print("fsmount demo: unmounted.", file=sys.stderr)
+        # The demo is interactive: closing its terminal (SIGHUP) unmounts it, as Ctrl-C does.
+        trio.run(partial(serve, hangup_unmounts=True), cfg, mountpoint, ready)
+    with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+        print("fsmount demo: unmounted.", file=sys.stderr)
     return 0

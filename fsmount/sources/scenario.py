@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from fsmount.blob import Blob, RemoteBlob, SignedUrl
@@ -74,10 +74,15 @@ NATIVE_EXTENSIONS = {
 
 
 def _timestamp(text: Any) -> float | None:
+    """An ISO 8601 time as seconds since the epoch; one written without a zone is UTC, as the
+    API's times are (a naive datetime would be read as local time)."""
     try:
-        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+        moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
     except ValueError:
         return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
 
 
 def _blob_key(asset_id: str, target: str | None) -> str:

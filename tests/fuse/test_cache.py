@@ -15,6 +15,7 @@ import os
 import random
 import re
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount, Mounter, no_new_requests, wait_for
-from test_grand_challenge import HUGE, fsmount, huge_file
+from test_faults import within
+from test_grand_challenge import COHORT, HUGE, fsmount, huge_file
 
 from fsmount.cache.blocks import HEADER_SIZE, cache_usage
 from fsmount.demo.content import pattern
@@ -35,6 +37,7 @@ MiB = 1 << 20
 SEED = 20_240_601  # demo-large's byte stream
 MEDICAL = "demo-medical"
 STORED = (".mha", ".mhd", ".zraw", ".tif", ".tiff", ".pdf", ".csv")  # File/Image sockets
+BOUND = 2.0  # seconds a request may take on a loaded machine (a lock wait is 5 s, then EIO)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -333,6 +336,7 @@ def test_a_flipped_byte_in_a_cached_block_is_detected_and_fetched_again(
     block.write_bytes(damaged)
 
     mount = mounter.start(*args, scenario=False, cache_dir=cache)
+    mount.expect_logs(r"cache block \S+ is corrupt")
     services.gc.log.reset()
     assert (medical(mount) / rel).read_bytes() == files[rel]
     assert storage_ranges(services) == [(0, len(files[rel]) - 1)]
@@ -373,6 +377,62 @@ def test_two_mounts_share_one_cache_directory(mounter: Mounter, services, tmp_pa
     with frozen(*mounts):
         assert held_bytes(cache) <= 2 * budget  # NOTES.md: N processes of budget B, N x B
         assert sorted(cache_usage(blocks_dir(cache)).users) == sorted(m.proc.pid for m in mounts)
+
+
+def holds_the_database_lock(cache: Path) -> bool:
+    """Whether a process holds the write lock of the metadata database in `cache`."""
+    db = sqlite3.connect(cache / "metadata.sqlite", timeout=0, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ROLLBACK")
+        return False
+    except sqlite3.OperationalError:
+        return True
+    finally:
+        db.close()
+
+
+def test_a_mount_answers_while_another_on_its_cache_holds_the_database(
+    mounter: Mounter, services, tmp_path
+) -> None:
+    """One mount writes its metadata in a burst (`ls -lR` of 1,050 items, first seen, sizes
+    probed) and is caught, stopped, while it holds the database's write lock: the other mount
+    on the same cache still answers `stat` and `ls` of what it never saw, within a bound."""
+    cache = tmp_path / "cache"
+    quiet = mounter.start("--archive", MEDICAL, scenario=False, cache_dir=cache)
+    busy = mounter.start("--archive", COHORT, scenario=False, cache_dir=cache)
+    burst = threading.Thread(
+        target=subprocess.run,
+        args=(["ls", "-lR", str(busy.path / "grand-challenge" / COHORT)],),
+        kwargs={"capture_output": True, "timeout": 300},
+    )
+    burst.start()
+    caught = False
+
+    def caught_holding_the_lock() -> bool:
+        nonlocal caught
+        with frozen(busy):
+            caught = holds_the_database_lock(cache)
+            if not caught:
+                return False
+            try:
+                archive = medical(quiet)  # never listed by either mount before
+                with within(BOUND, "ls of the archive"):
+                    items = sorted(os.listdir(archive))[:3]
+                for item in items:
+                    with within(BOUND, f"ls and stat of {item}"):
+                        for entry in os.scandir(archive / item):
+                            entry.stat()
+            finally:
+                assert holds_the_database_lock(cache)  # the bound held while it was held
+        return True
+
+    try:
+        wait_for(lambda: caught_holding_the_lock() or not burst.is_alive(), 120, "the lock")
+    finally:
+        burst.join(300)
+    assert caught, "the burst ended before the busy mount was caught holding the lock"
+    check_tree(medical(quiet), stored_files(services))  # and what was learned is right
 
 
 def test_ten_concurrent_readers_of_one_file_cause_one_download_per_block(
@@ -516,6 +576,7 @@ def test_cache_prefetch_reports_bad_paths_and_failed_files(
     assert error_lines(outside) == [f"fsmount: {tmp_path} is not on an fsmount mount"]
 
     mount = mounter.start("--timeout", "2", "--archive", MEDICAL, scenario=False)
+    mount.expect_logs(r"read: .*storage HTTP 503")  # the prefetch during the outage
     root = medical(mount)
     files = stored_files(services)
     stored = root / max(files, key=lambda p: len(files[p]))

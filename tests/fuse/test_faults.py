@@ -28,10 +28,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, Mounter, fsmount_mounts, wait_for
+from conftest import CHANGED, GAVE_UP, STALE_LISTING, Mount, Mounter, fsmount_mounts, wait_for
 
 from fsmount import status
 from fsmount.demo.content import pattern
+from fsmount.mountinfo import read_mounts
 
 pytestmark = pytest.mark.fuse
 
@@ -248,6 +249,7 @@ def test_a_down_service_fails_reads_in_time_serves_the_cache_and_recovers(
         *("--timeout", str(TIMEOUT), "--dir-cache-time", "1"),
         *("--archive", "demo-large", "--archive", "demo-medical"),
         scenario=False,
+        expect_logs=[GAVE_UP, r"ConnectError from storage", STALE_LISTING],
     )
     path = huge(mount, services)
     medical = mount.path / "grand-challenge" / "demo-medical"
@@ -289,6 +291,7 @@ def test_a_down_service_fails_reads_in_time_serves_the_cache_and_recovers(
 def test_a_stalled_service_turns_into_an_error_within_the_bound(mounter: Mounter, services):
     gc = services.gc
     mount = mounter.start("--timeout", str(TIMEOUT), "--archive", "demo-large", scenario=False)
+    mount.expect_logs(r"TooSlowError from storage; giving up")
     path = huge(mount, services)
     os.stat(path)
     try:
@@ -311,7 +314,7 @@ def test_a_stalled_service_turns_into_an_error_within_the_bound(mounter: Mounter
 
 def test_a_file_whose_etag_changes_between_ranges_is_never_served_mixed(mounter: Mounter, services):
     gc = services.gc
-    mount = mounter.start("--archive", "demo-large", scenario=False)
+    mount = mounter.start("--archive", "demo-large", scenario=False, expect_logs=[CHANGED])
     path = huge(mount, services)
     started = time.monotonic()
     try:
@@ -336,7 +339,7 @@ def test_readers_opening_a_replaced_file_at_once_all_get_the_new_version(
     """After a change, the file's size and version are learned again (one probe); readers who
     open it meanwhile wait for that probe instead of failing."""
     gc = services.gc
-    mount = mounter.start("--archive", "demo-large", scenario=False)
+    mount = mounter.start("--archive", "demo-large", scenario=False, expect_logs=[CHANGED])
     path = huge(mount, services)
     read_and_check(path, 0, MiB)
     try:
@@ -373,6 +376,7 @@ def test_errors_reach_readers_as_the_errno_they_mean(mounter: Mounter, services)
     mount = mounter.start(
         *("--timeout", str(TIMEOUT), "--archive", "demo-large", "--archive", "demo-medical"),
         scenario=False,
+        expect_logs=[r"storage HTTP 40[34] ", GAVE_UP],
     )
     path = huge(mount, services)
     os.stat(path)  # size and signed URL known: each case below is one storage read
@@ -451,6 +455,21 @@ def test_scenario_cooldowns_are_waited_out_and_reads_arrive_exact(mounter: Mount
     assert min(t for t in cdn if t > cdn_events[0].time) - cdn_events[0].time >= cooldown - 0.05
 
 
+def test_a_malformed_retry_after_is_no_hint_and_the_read_is_retried(mounter: Mounter, services):
+    """A Retry-After that is neither seconds nor an HTTP date means "back off as usual"."""
+    gc = services.gc
+    mount = mounter.start("--archive", "demo-medical", scenario=False)
+    rel, data = next(iter(medical_files(services, 1).items()))
+    path = mount.path / "grand-challenge" / "demo-medical" / rel
+    assert os.stat(path).st_size == len(data)
+    gc.storage_faults.configure(scripted=((503, "soon"), (429, "Mon, 99 Foo 2024 25:61:61 GMT")))
+    try:
+        assert direct_read(path, 0, len(data)) == data
+        assert [e.status for e in gc.storage_faults.events("error")] == [503, 429]
+    finally:
+        gc.reset_faults()
+
+
 # --------------------------------------------------------------------------- security
 
 
@@ -496,10 +515,8 @@ def test_a_rotated_token_is_read_again_after_a_401_once(mounter: Mounter, servic
 
 def mount_options(mount: Mount) -> set[str]:
     """The mount's options and its superblock's, from mountinfo (not the path's words)."""
-    with open("/proc/self/mountinfo") as info:
-        fields = next(entry.split() for entry in info if entry.split()[4] == str(mount.path))
-    tail = fields[fields.index("-") + 1 :]  # fstype, source, superblock options
-    return set(fields[5].split(",")) | set(tail[2].split(","))
+    entry = next(m for m in read_mounts() if m.mount_point == str(mount.path))
+    return {*entry.options, *entry.super_options}
 
 
 def test_allow_other_is_off_by_default(mounter: Mounter):
@@ -582,6 +599,8 @@ def test_soak_parallel_readers_with_every_fault_on(mounter: Mounter, services):
     seconds = float(os.environ.get("FSMOUNT_SOAK_SECONDS", "180"))
     gc = services.gc
     mount = mounter.start("--timeout", "20", "--cache-size", "256M", scenario=False)
+    # Clear errors are allowed under faults, and a replaced file fails its open readers.
+    mount.expect_logs(CHANGED, GAVE_UP, r"TooSlowError", STALE_LISTING)
     path = huge(mount, services)
     small = mount.path / "grand-challenge" / "demo-medical"
     expected_small = gc.expected_archive("demo-medical")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Mount, Mounter, no_new_requests, wait_for
+from conftest import SKIPPED_EDGE_CASES, Mount, Mounter, no_new_requests, wait_for
 
 from fsmount.demo.content import pattern
 from fsmount.demo.services import DemoServices
@@ -383,6 +383,7 @@ def test_hostile_paths_stay_inside_their_item(shared_mount: Mount, services) -> 
 def test_skipped_values_are_logged_and_the_rest_of_the_item_shows(mounter: Mounter, services):
     gc = services.gc
     mount = mounter.start("--archive", "demo-edge-cases", scenario=False)
+    mount.expect_logs(SKIPPED_EDGE_CASES)
     root = mount.path / "grand-challenge" / "demo-edge-cases"
     expected = gc.expected_archive("demo-edge-cases")
     (hostile,) = (
@@ -504,6 +505,7 @@ def test_a_stalled_storage_fails_the_read_within_the_timeout_and_the_mount_lives
 ) -> None:
     gc = services.gc
     mount = mounter.start("--timeout", "3", "--archive", "demo-medical", scenario=False)
+    mount.expect_logs(r"TooSlowError from storage; giving up")
     root = mount.path / "grand-challenge" / "demo-medical"
     files, _ = walk(root)  # sizes learned while storage is healthy
     pdf = next(p for p in files if p.endswith(".pdf"))

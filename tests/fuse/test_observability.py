@@ -73,7 +73,7 @@ def test_sighup_makes_a_new_archive_item_visible(mounter: Mounter, services) -> 
 
 
 def test_sigusr1_logs_every_task_and_the_mount_goes_on(mounter: Mounter) -> None:
-    mount = mounter.start(gc=False)
+    mount = mounter.start(gc=False, expect_logs=[r"SIGUSR1: what every task is waiting on"])
     mount.proc.send_signal(signal.SIGUSR1)
     wait_for(lambda: "SIGUSR1" in mount.logs(), 30, "the stack dump")
     wait_for(lambda: "pyfuse" in mount.logs().split("SIGUSR1", 1)[1], 30, "task names")

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import SECRET_ENV, Mounter, wait_for
+from conftest import SECRET_ENV, Mounter, wait_for, watch_log
 from prometheus_client.parser import text_string_to_metric_families
 
 from fsmount import status
 from fsmount.demo.services import DemoServices
+from fsmount.mount import KERNEL_READAHEAD_KIB
 
 pytestmark = pytest.mark.fuse
 
@@ -235,6 +236,7 @@ class UnitRun:
         self.run_each("ExecStartPre")
         (line,) = self.unit.values("ExecStart")
         argv, _ = self.command(line, self.env)
+        watch_log(self.log)
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd="/"
@@ -393,6 +395,19 @@ def test_a_restart_after_kill_9_clears_the_stale_mount_and_mounts_again(
             again.cleanup(mountpoint)
 
 
+def test_a_mount_point_with_spaces_gets_its_readahead_raised_and_is_listed(mounter: Mounter):
+    """Mountinfo writes a space as `\\040`: the mount must still find itself there."""
+    if os.geteuid() != 0:
+        pytest.skip("only root may raise a mount's kernel readahead")
+    mount = mounter.start(gc=False, name="a mount\twith spaces")
+    device = os.stat(mount.path).st_dev  # asked from this process, not the mount's
+    setting = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    wanted = str(KERNEL_READAHEAD_KIB)
+    wait_for(lambda: setting.read_text().strip() == wanted, 30, "the raised readahead")
+    assert mount.path in status.running_mounts(owner=os.getuid())
+    assert status.query(mount.path)["mountpoint"] == str(mount.path)
+
+
 def test_an_unmount_from_outside_sends_stopping_and_exits_0(
     tmp_path: Path, mounter: Mounter
 ) -> None:
@@ -408,6 +423,28 @@ def test_an_unmount_from_outside_sends_stopping_and_exits_0(
         assert "STOPPING=1" in data.splitlines()
     finally:
         notify.close()
+
+
+def test_an_unmount_while_the_kernel_reads_ahead_is_no_error(
+    mounter: Mounter, services: DemoServices
+) -> None:
+    """The kernel drops its own readahead requests when the mount goes: the answers they get
+    later are refused (ENOENT), which is no error (libfuse, too, keeps quiet about it)."""
+    gc = services.gc
+    assert gc is not None
+    mount = mounter.start("--archive", "demo-large", scenario=False)
+    expected = gc.expected_archive("demo-large")
+    rel = max(expected, key=lambda p: expected[p].size)
+    path = mount.path / "grand-challenge" / "demo-large" / rel
+    os.stat(path)
+    gc.storage_faults.configure(latency=1.0)  # the readahead is still in flight at the unmount
+    try:
+        with open(path, "rb") as f:  # WILLNEED: the kernel reads ahead, and does not wait
+            os.posix_fadvise(f.fileno(), 0, 4 << 20, os.POSIX_FADV_WILLNEED)
+        subprocess.run(["fusermount3", "-u", "-z", str(mount.path)], check=True)
+        assert mount.proc.wait(timeout=30) == 0, mount.logs()
+    finally:
+        gc.reset_faults()
 
 
 # --- mount.fsmount ------------------------------------------------------------------------------
@@ -482,6 +519,7 @@ def test_mount_helper_returns_once_mounted_and_the_mount_unmounts(
     tmp_path: Path, services: DemoServices, helper_mountpoint: Path
 ) -> None:
     conf = helper_config(tmp_path, services)
+    watch_log(tmp_path / "daemon.log")
     options = (
         f"rw,_netdev,nofail,x-systemd.automount,x-systemd.idle-timeout=10min,config={conf},"
         f"cache-dir={tmp_path / 'cache'},cache_size=1G,log-file={tmp_path / 'daemon.log'}"

@@ -14,6 +14,7 @@ import stat
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -363,6 +364,61 @@ def test_readahead_stays_bounded_in_a_huge_object(tmp_path: Path) -> None:
     assert origin.max_active_bytes <= 4 * blocks._READAHEAD_CHUNK + MiB
 
 
+def test_closing_a_file_drops_its_queued_readahead(tmp_path: Path) -> None:
+    origin = Origin(256 * MiB, delay=0.3)
+
+    async def main() -> None:
+        async with BlockStore(
+            tmp_path, budget=GiB, min_free=0, readahead=64 * MiB, max_parallel=1
+        ) as store:
+            # Four sequential reads: one readahead request runs, three more chunks wait.
+            for offset in range(0, 512 * KiB, 128 * KiB):
+                await store.read("k", origin.size, offset, 128 * KiB, origin.fetch, reader=7)
+            await trio.sleep(0.05)
+            assert origin.calls == [(0, MiB), (MiB, 9 * MiB)]
+            store.close_reader(7)
+            await store.drain()
+            await trio.sleep(0.5)  # the slot is free again: nothing else may start
+
+    run(main)
+    assert origin.calls == [(0, MiB), (MiB, 9 * MiB)]
+
+
+def test_sequential_readers_together_never_evict_what_they_fetched_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight readers in step, each with a window of a quarter of the budget: together they
+    may only hold that quarter ahead, each its share, or their read-ahead blocks push each
+    other out before they are read."""
+    block = 64 * KiB
+    monkeypatch.setattr(blocks, "_READAHEAD_CHUNK", 2 * block)
+    origins = [Origin(48 * block, seed=seed) for seed in range(8)]
+    budget = budget_of(64, block)
+
+    async def main() -> None:
+        async with BlockStore(
+            tmp_path,
+            budget=budget,
+            block_size=block,
+            min_free=0,
+            readahead=budget // 4,
+            memory=0,
+            max_parallel=4,
+        ) as store:
+            for offset in range(0, 48 * block, 16 * KiB):
+                for reader, origin in enumerate(origins):
+                    data = await store.read(
+                        f"o{reader}", origin.size, offset, 16 * KiB, origin.fetch, reader=reader
+                    )
+                    assert data == origin.expect(offset, 16 * KiB)
+            assert store.stats().evictions > 0  # 24 blocks each: they did not all fit
+
+    run(main)
+    for origin in origins:
+        assert any(end - start > block for start, end in origin.calls)  # it read ahead
+        assert origin.fetched_bytes() == origin.size, sorted(origin.calls)  # each byte once
+
+
 def test_ten_concurrent_readers_of_one_block_cause_one_fetch(tmp_path: Path) -> None:
     origin = Origin(4 * MiB, delay=0.05)
     results: list[bytes] = []
@@ -466,9 +522,16 @@ def test_budget_is_never_exceeded_while_reading_more_than_it(tmp_path: Path) -> 
         ) as store:
 
             async def watch() -> None:
+                """Look at the disk while no worker thread of the store writes or deletes: a
+                listing taken meanwhile could see a victim's file and its replacement both."""
                 nonlocal worst
+                borrowers = [object() for _ in range(blocks._IO_THREADS)]
                 while True:
+                    for borrower in borrowers:
+                        await store._io.acquire_on_behalf_of(borrower)
                     worst = max(worst, sum(block_files(tmp_path).values()))
+                    for borrower in borrowers:
+                        store._io.release_on_behalf_of(borrower)
                     assert store.stats().bytes_held <= budget
                     await trio.sleep(0)
 
@@ -849,6 +912,113 @@ def test_block_evicted_behind_the_stores_back_is_fetched_again(tmp_path: Path) -
 
     run(main)
     assert len(origin.calls) == 5
+
+
+def test_a_block_evicted_while_a_scan_runs_is_not_counted_again_by_that_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan listed the block before it was evicted and deleted: it must not bring it back
+    into the accounting as a phantom (here the eviction keeps free space, not the budget, so
+    no trim would correct it)."""
+    block = 64 * KiB
+    min_free = 4 * MiB
+    free = [GiB]
+    monkeypatch.setattr(blocks, "_available", lambda directory: free[0])
+    monkeypatch.setattr(blocks, "_FREE_SPACE_INTERVAL", 0.0)
+    listed, release = threading.Event(), threading.Event()
+    real_scan = blocks._scan_blocks
+
+    def paused_scan(directory: Path) -> list[tuple[float, str, int]]:
+        found = real_scan(directory)
+        listed.set()
+        release.wait(10)
+        return found
+
+    first, second = Origin(4 * block, seed=1), Origin(block, seed=2)
+
+    async def main() -> None:
+        async with BlockStore(
+            tmp_path, budget=GiB, block_size=block, min_free=min_free, readahead=0, memory=0
+        ) as store:
+            await read_all(store, "first", first, chunk=block)
+            await wait_for_scan(store)
+            monkeypatch.setattr(blocks, "_scan_blocks", paused_scan)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(store.rescan)
+                    with trio.fail_after(10):
+                        while not listed.is_set():
+                            await trio.sleep(0.005)
+                    free[0] = min_free  # the next block must evict one to keep the floor
+                    await read_all(store, "second", second, chunk=block)
+                    assert store.stats().evictions == 1
+                    release.set()
+            finally:
+                release.set()
+            on_disk = block_files(tmp_path)
+            assert len(on_disk) == 4
+            assert store.stats().bytes_held == sum(on_disk.values())
+
+    run(main)
+
+
+def test_the_store_stays_in_use_until_its_last_write_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The instance lock is what tells other processes that its temporary files are being
+    written: it is released only once no write can run, whoever started the write."""
+    entered, release = threading.Event(), threading.Event()
+    real_write = blocks._write_block_file
+
+    def slow_write(*args: object) -> bool:
+        entered.set()
+        release.wait(10)
+        return real_write(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(blocks, "_write_block_file", slow_write)
+    origin = Origin(MiB)
+
+    async def main() -> None:
+        store = BlockStore(tmp_path, budget=GiB, min_free=0, readahead=0)
+        closed = trio.Event()
+
+        async def close() -> None:
+            await store.aclose()
+            closed.set()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                # A whole block read in the foreground: the reader itself writes it.
+                nursery.start_soon(store.read, "k", MiB, 0, MiB, origin.fetch)
+                with trio.fail_after(10):
+                    while not entered.is_set():
+                        await trio.sleep(0.005)
+                nursery.start_soon(close)
+                await trio.sleep(0.3)
+                assert not closed.is_set()
+                assert cache_usage(tmp_path).users == [os.getpid()]
+                release.set()
+        finally:
+            release.set()
+        assert closed.is_set()
+
+    run(main)
+    assert cache_usage(tmp_path).users == []
+    assert os.listdir(tmp_path / "tmp") == [] and len(block_files(tmp_path)) == 1
+
+
+def test_the_benchmark_in_the_notes_runs_against_the_store_as_it_is(tmp_path: Path) -> None:
+    """NOTES.md §9 gives a benchmark to run again: its code must still fit the store's API."""
+    notes = (Path(blocks.__file__).parent / "NOTES.md").read_text()
+    section = notes[notes.index("## 9. Measured throughput") :]
+    code = section[section.index("```python\n") + 10 :]
+    code = code[: code.index("```")]
+    assert code.rstrip().endswith("trio.run(main)")
+    namespace: dict[str, object] = {}
+    exec(compile(code.rstrip().removesuffix("trio.run(main)"), "NOTES.md", "exec"), namespace)
+    rate = namespace["rate"]
+    assert trio.run(partial(rate, tmp_path, 2 * MiB, readahead=0)) > 0  # type: ignore[operator]
+    assert len(block_files(tmp_path)) == 2
 
 
 # -- start-up, sharing, housekeeping --------------------------------------------------------

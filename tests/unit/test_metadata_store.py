@@ -6,7 +6,11 @@ import logging
 import multiprocessing
 import sqlite3
 import stat
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -122,10 +126,68 @@ def _hammer(path: str, worker: int, rounds: int) -> dict[str, float]:
 def test_two_processes_share_one_database(db_path: Path) -> None:
     MetadataStore(db_path).close()
     ctx = multiprocessing.get_context("spawn")
+    started = time.time()
     with ctx.Pool(2) as pool:
         results = pool.starmap(_hammer, [(str(db_path), 0, 30), (str(db_path), 1, 30)])
-    assert results[0] == results[1]  # the same first-seen time for each key, whoever asked first
+    took = time.time() - started
+    assert results[0].keys() == results[1].keys()
+    with MetadataStore(db_path) as store:
+        stored = store.first_seen_many(results[0])
+    # Each process answered the stored time, unless it asked while the other held the write
+    # lock: then its own, written behind, and the one committed first was kept.
+    for key, seen in stored.items():
+        assert seen in (results[0][key], results[1][key]), key
+        assert abs(results[0][key] - results[1][key]) < took, key
     with MetadataStore(db_path) as store:
         assert store.get("w0-29-199") == {"r": 29, "i": 199}
         assert store.get("w1-29-199") == {"r": 29, "i": 199}
         assert store.get("shared") in ({"worker": 0, "round": 29}, {"worker": 1, "round": 29})
+
+
+@contextmanager
+def locked_by_another_process(path: Path) -> Iterator[None]:
+    """Another process holds the database's write lock (a write transaction) for the block."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys\n"
+            f"db = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+            "db.execute('BEGIN IMMEDIATE')\n"
+            "db.execute('INSERT INTO meta VALUES (?, ?)', ('theirs', '{}'))\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()\n"
+            "db.execute('COMMIT')\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        yield
+    finally:
+        holder.communicate("", timeout=30)
+
+
+def test_no_call_waits_while_another_process_holds_the_write_lock(db_path: Path) -> None:
+    """Calls run on the mount's event loop: a lock held elsewhere must not stop every request."""
+    with MetadataStore(db_path) as store:
+        store.put("known", {"v": 1})
+        old = store.first_seen("old")
+    with MetadataStore(db_path) as store:
+        with locked_by_another_process(db_path):
+            started = time.monotonic()
+            store.put("k", {"v": 2})
+            store.put_many({f"m{i}": {"i": i} for i in range(1000)})
+            seen = store.first_seen_many(["old", "new"])
+            assert seen["old"] == old and seen["new"] >= started - 1
+            assert store.get("k") == {"v": 2} and store.get("known") == {"v": 1}
+            assert store.get_many(["m7", "absent"]) == {"m7": {"i": 7}}
+            assert store.first_seen("new") == seen["new"]  # the same answer until it is written
+            assert time.monotonic() - started < 0.5
+        store.put("k", {"v": 3})  # a later write of the same key wins
+    with MetadataStore(db_path) as store:  # everything was written once the lock was free
+        assert store.get("k") == {"v": 3} and store.get("m999") == {"i": 999}
+        assert store.get("theirs") == {}
+        assert store.first_seen("new") == seen["new"]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import errno
+import logging
+import socket
+import threading
 import time
 
+import httpcore
 import httpx
 import pytest
 import trio
@@ -18,6 +22,7 @@ from fsmount.transfer import (
     HttpPolicy,
     Storage,
     TransferStats,
+    raise_read_size,
     redact,
     url_expiry,
 )
@@ -277,6 +282,41 @@ def test_storage_honours_retry_after() -> None:
     assert len(times) == 2 and times[1] - times[0] >= 0.3
 
 
+def test_a_malformed_retry_after_is_no_hint_and_the_request_is_retried() -> None:
+    fake = FakeStorage()
+    hints = [
+        {"Retry-After": "soon"},
+        {"Retry-After": "Mon, 99 Foo 2024 25:61:61 GMT"},
+        {"Retry-After": "inf"},
+        {"Retry-After": "nan"},
+    ]
+    answers = [httpx.Response(503, headers=hint) for hint in hints]
+    bodies = ['{"remainingSeconds": "soon"}', '{"remainingSeconds": Infinity}', "[1, 2]"]
+    json_type = {"Content-Type": "application/json"}
+    answers += [httpx.Response(429, headers=json_type, text=body) for body in bodies]
+    seen = 0
+
+    def storage_handler(request: httpx.Request) -> httpx.Response:
+        nonlocal seen
+        seen += 1
+        return answers[seen - 1] if seen <= len(answers) else fake.handler(request)
+
+    storage = Storage(FAST, TransferStats(), transport=httpx.MockTransport(storage_handler))
+    blob = RemoteBlob(key="k", resolve=fake.resolve, description="test object")
+    assert trio.run(fetch, storage, blob, 0, 10) == (pattern(7, 0, 10), '"v1"')
+    assert seen == len(answers) + 1
+
+    calls = 0
+
+    def api_handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return answers[calls - 1] if calls <= len(answers) else httpx.Response(200, json={})
+
+    assert trio.run(api(api_handler).get_json, "archives/") == {}
+    assert calls == len(answers) + 1
+
+
 def test_a_stall_may_take_a_third_of_the_deadline_so_a_retry_fits() -> None:
     short = HttpPolicy.within(3.0)
     assert short.deadline == 3.0 and short.stall_timeout == 1.0 and short.connect_timeout == 1.0
@@ -305,3 +345,43 @@ def test_tail_is_the_last_bytes_and_the_size_in_one_request(honours_range: bool)
     assert tail == data[-4096:]
     assert (st.size, st.etag) == (len(data), '"zip"')
     assert len(requests) == (2 if honours_range else 1)
+
+
+def test_httpcore_hands_over_whatever_arrived_up_to_a_mebibyte_per_read() -> None:
+    """The data path's speed rests on httpcore's per-read ceiling (transfer.raise_read_size):
+    a body that has arrived comes in pieces of more than httpcore's default 64 KiB."""
+    body = pattern(3, 0, 4 << 20)
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while b"\r\n\r\n" not in conn.recv(65536):
+                pass
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    async def pieces(url: str) -> list[int]:
+        async with httpx.AsyncClient() as client, client.stream("GET", url) as response:
+            await trio.sleep(0.3)  # let the body pile up in the socket
+            return [len(piece) async for piece in response.aiter_raw()]
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    raise_read_size()
+    try:
+        sizes = trio.run(pieces, f"http://127.0.0.1:{server.getsockname()[1]}/")
+    finally:
+        server.close()
+        thread.join(10)
+    assert sum(sizes) == len(body)
+    assert max(sizes) > 64 << 10, sizes
+
+
+def test_without_httpcores_read_size_the_mount_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES")
+    with caplog.at_level(logging.WARNING, logger="fsmount.transfer"):
+        raise_read_size()
+    assert "READ_NUM_BYTES" in caplog.text
+    assert not hasattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES")  # nothing invented
