@@ -98,16 +98,18 @@ class Content:
             return BlobStat(len(blob.data), 0.0)
         if isinstance(blob, RenderedBlob):
             return BlobStat(len(blob.render()), 0.0)
+        for _ in range(2):  # a size forgotten as its probe ended (the file changed): again
+            known = self.recalled(blob)
+            if known is not None:
+                return known
+            probe = self._probe_of(blob)
+            await probe.done.wait()
+            if probe.failure is not None:
+                raise probe.failure
         known = self.recalled(blob)
-        if known is not None:
-            return known
-        probe = self._probe_of(blob)
-        await probe.done.wait()
-        known = self.recalled(blob)
-        if known is not None:
-            return known
-        failure = probe.failure
-        raise failure or FetchError(errno.EIO, f"{blob.description}: size unknown")
+        if known is None:
+            raise FetchError(errno.EIO, f"{blob.description}: changed while its size was asked")
+        return known
 
     def guess(self, blob: RemoteBlob) -> None:
         """Probe a size no program asked for yet but one probably will (a walk ahead): it

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import random
+import re
 import ssl
 import time
 import zlib
@@ -376,12 +377,18 @@ class ApiClient:
 
 def parse_json(body: bytes) -> Any:
     """JSON with orjson, a few times faster than the standard parser on the megabyte pages
-    of a large listing; the standard one takes what orjson refuses (integers past 64 bits,
-    which a JSON value may hold), giving the same objects either way."""
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return json.loads(body)
+    of a large listing, giving the same objects; the standard parser takes bodies with a run
+    of 19 digits or more (orjson turns integers past 64 bits, which a JSON value may hold, into
+    floats) and what orjson refuses (NaN, lone surrogates)."""
+    if _LONG_NUMBER.search(body) is None:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(body)
+
+
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")
 
 
 def _error_reason(response: httpx.Response) -> str:

@@ -193,7 +193,9 @@ def test_a_zip_cut_half_way_is_one_line_and_leaves_only_right_bytes(
 def test_an_entry_of_no_asset_or_of_the_wrong_size_is_skipped_and_fetched_on_its_own(
     mounter: Mounter, fake: ScenarioFake
 ) -> None:
-    mount = mounter.start(gc=False)
+    mount = mounter.start(
+        gc=False, expect_logs=["skipped .*: .* bytes, but the asset has", "no asset asked for"]
+    )
     files = natives(fake, SPRITES)
     victim = sorted(files)[0].rpartition("/")[2]
 

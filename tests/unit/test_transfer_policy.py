@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import socket
 import threading
@@ -22,6 +23,7 @@ from fsmount.transfer import (
     HttpPolicy,
     Storage,
     TransferStats,
+    parse_json,
     raise_read_size,
     redact,
     url_expiry,
@@ -385,3 +387,16 @@ def test_without_httpcores_read_size_the_mount_warns(
         raise_read_size()
     assert "READ_NUM_BYTES" in caplog.text
     assert not hasattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES")  # nothing invented
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"n": 18446744073709563961, "m": -9223372036854775809}',
+        b'{"f": [0.1, 1e16, -0.0, 1.7976931348623157e308], "s": "\\u00e9\\ud800"}',
+        b"[NaN, Infinity, 12345678901234567890123]",
+        b'{"a": 1, "a": 2, "b": {"c": [true, false, null]}}',
+    ],
+)
+def test_json_pages_parse_to_exactly_what_the_standard_parser_gives(text: bytes) -> None:
+    assert json.dumps(parse_json(text)) == json.dumps(json.loads(text))
