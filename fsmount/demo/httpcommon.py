@@ -154,7 +154,7 @@ def json_response(
 # --------------------------------------------------------------------------- ranged bodies
 
 
-def _parse_range(header: str, size: int) -> tuple[int, int] | str | None:
+def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
     """Return `(start, end_inclusive)`, None to ignore the header, or "unsatisfiable".
 
     Like S3, a header that is malformed or asks for several ranges is ignored (full 200).
@@ -212,7 +212,7 @@ def range_response(
     if "range" in request.headers and _if_range_holds(
         request.headers.get("if-range", quoted), quoted, last_modified
     ):
-        wanted = _parse_range(request.headers["range"], size)
+        wanted = parse_range(request.headers["range"], size)
     if wanted == "unsatisfiable":
         headers["content-range"] = f"bytes */{size}"
         headers["content-type"] = "application/xml"
