@@ -42,6 +42,14 @@ def _tour(mountpoint: Path) -> None:
             out.append(
                 "    " + sample.read_bytes()[:300].decode(errors="replace").replace("\n", "\n    ")
             )
+        image_set = _first_image_set(gc / "demo-dicom", depth=3)
+        if image_set is not None:
+            names = os.listdir(image_set)
+            out.append(
+                f"\n  {image_set.relative_to(mountpoint.parent)}/: a DICOM image set (AWS"
+                f" HealthImaging), one file per instance:"
+            )
+            out += [f"    {name}  ({(image_set / name).stat().st_size:,} bytes)" for name in names]
     except OSError as exc:
         out.append(f"  (could not list the mount: {exc})")
     rel = os.path.relpath(mountpoint)
@@ -51,6 +59,7 @@ def _tour(mountpoint: Path) -> None:
         "\nTry, in another terminal:",
         f"  ls -lR {rel}/grand-challenge | head -40",
         f"  find {rel}/grand-challenge -name '*.mha'",
+        f"  ls -l {rel}/grand-challenge/demo-dicom/*/images/dicom-image-set",
         f"  cp {rel}/scenario/assets/*.webp /tmp/",
         f"  getfattr -d {rel}/scenario/assets/*.glb | head",
         "\nPress Ctrl-C to unmount and exit.",
@@ -68,6 +77,20 @@ def _first_file(directory: Path, depth: int) -> Path | None:
             return entry
     for entry in entries:
         found = _first_file(entry, depth - 1) if entry.is_dir() else None
+        if found is not None:
+            return found
+    return None
+
+
+def _first_image_set(directory: Path, depth: int) -> Path | None:
+    """A directory of `.dcm` files (listing it asks for its instances, nothing more)."""
+    if depth < 0 or not directory.is_dir():
+        return None
+    entries = sorted(directory.iterdir())[:20]
+    if any(entry.suffix == ".dcm" for entry in entries):
+        return directory
+    for entry in entries:
+        found = _first_image_set(entry, depth - 1) if entry.is_dir() else None
         if found is not None:
             return found
     return None
