@@ -93,12 +93,7 @@ def ct_series(name: str, slices: int = 4, size: int = 16) -> list[DicomInstance]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing = [0.68, 0.68]
         ds.SliceThickness = 1.25
-        ds.Rows = ds.Columns = size
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
+        _pixels(ds, size, "MONOCHROME2", bits=16, signed=True)
         ds.RescaleIntercept = 0
         ds.RescaleSlope = 1
         pixels = bytearray()
@@ -113,45 +108,49 @@ def ct_series(name: str, slices: int = 4, size: int = 16) -> list[DicomInstance]
     return out
 
 
+def _pixels(ds: Dataset, size: int, photometric: str, *, bits: int, signed: bool) -> None:
+    """The image pixel module of square frames, without the pixel data."""
+    ds.Rows = ds.Columns = size
+    ds.SamplesPerPixel = 3 if photometric == "RGB" else 1
+    ds.PhotometricInterpretation = photometric
+    if photometric == "RGB":
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = int(signed)
+
+
+def _slide(name: str, part: str, number: int, frames: int) -> Dataset:
+    """A dataset of the slide's one series: its tiles (`VOLUME`) or its label."""
+    ds = Dataset()
+    _common(ds, name, "SM", dicom_uid(name, "study"), dicom_uid(name, "series"))
+    ds.SOPInstanceUID = dicom_uid(name, part)
+    ds.InstanceNumber = number
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME" if part == "tiles" else "LABEL", "NONE"]
+    ds.NumberOfFrames = frames
+    return ds
+
+
+def _slide_instance(ds: Dataset) -> DicomInstance:
+    data = _part10(ds, VLWholeSlideMicroscopyImageStorage)
+    uids = (ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID)
+    return DicomInstance(*uids, int(ds.NumberOfFrames), data)
+
+
 def slide_instance(name: str, frames: int = 2, size: int = 512) -> DicomInstance:
     """A whole-slide microscopy instance of `frames` RGB tiles (a multi-frame instance); at
     the default size it spans two cache blocks, as real ones span many."""
-    study, series = dicom_uid(name, "study"), dicom_uid(name, "series")
-    ds = Dataset()
-    _common(ds, name, "SM", study, series)
-    ds.SOPInstanceUID = dicom_uid(name, "tiles")
-    ds.InstanceNumber = 1
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
-    ds.NumberOfFrames = frames
-    ds.Rows = ds.Columns = size
+    ds = _slide(name, "tiles", 1, frames)
     ds.TotalPixelMatrixColumns = size * frames
     ds.TotalPixelMatrixRows = size
-    ds.SamplesPerPixel = 3
-    ds.PhotometricInterpretation = "RGB"
-    ds.PlanarConfiguration = 0
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
+    _pixels(ds, size, "RGB", bits=8, signed=False)
     ds.PixelData = pattern(int.from_bytes(name.encode()[:4], "big"), 0, frames * size * size * 3)
-    sop_class = VLWholeSlideMicroscopyImageStorage
-    return DicomInstance(ds.SOPInstanceUID, study, series, frames, _part10(ds, sop_class))
+    return _slide_instance(ds)
 
 
 def slide_label(name: str, size: int = 8) -> DicomInstance:
     """The slide's label image: a single-frame instance of the same series."""
-    study, series = dicom_uid(name, "study"), dicom_uid(name, "series")
-    ds = Dataset()
-    _common(ds, name, "SM", study, series)
-    ds.SOPInstanceUID = dicom_uid(name, "label")
-    ds.InstanceNumber = 2
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "LABEL", "NONE"]
-    ds.NumberOfFrames = 1
-    ds.Rows = ds.Columns = size
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
+    ds = _slide(name, "label", 2, 1)
+    _pixels(ds, size, "MONOCHROME2", bits=8, signed=False)
     ds.PixelData = bytes((x * 31 + y * 17) % 256 for y in range(size) for x in range(size))
-    sop_class = VLWholeSlideMicroscopyImageStorage
-    return DicomInstance(ds.SOPInstanceUID, study, series, 1, _part10(ds, sop_class))
+    return _slide_instance(ds)

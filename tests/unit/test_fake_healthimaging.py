@@ -4,28 +4,16 @@ sockets: what issue 13 says of the real services, pinned independently of fsmoun
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 
 import httpx
 import pydicom
 import pytest
+from test_fake_grand_challenge import api, gc
 
 from fsmount.demo.grand_challenge import GrandChallengeFake
 from fsmount.demo.healthimaging import SIGNATURE_LIFETIME
 
-
-@pytest.fixture(scope="module")
-def gc() -> Iterator[GrandChallengeFake]:
-    with GrandChallengeFake() as fake:
-        yield fake
-
-
-@pytest.fixture
-def api(gc: GrandChallengeFake) -> Iterator[httpx.Client]:
-    headers = {"Authorization": f"Bearer {gc.token}", "Accept": "application/json"}
-    with httpx.Client(base_url=gc.api_url, headers=headers, timeout=30) as client:
-        yield client
-    gc.reset_faults()
+__all__ = ["api", "gc"]  # the fixtures (a fake of this module's own, an API client)
 
 
 def dicom_images(gc: GrandChallengeFake) -> list:
