@@ -109,11 +109,22 @@ def test_dcm_files_appear_where_the_recipe_puts_them_and_every_byte_matches(
 def test_pydicom_reads_each_file_and_its_uid_is_its_name(shared_mount: Mount, services) -> None:
     pydicom = pytest.importorskip("pydicom")
     root = shared_mount.path / "grand-challenge" / SLUG
+    set_ids = {
+        item.pk: civ.image.image_set.image_set_id
+        for item in services.gc.data.items(services.gc.data.archive(SLUG))
+        for civ in item.values
+        if civ.image is not None and civ.image.image_set is not None
+    }
     frames = {}
     for pk, uids in image_sets(services.gc).items():
         for uid in uids:
-            ds = pydicom.dcmread(root / pk / SET_DIR / f"{uid}.dcm")
+            path = root / pk / SET_DIR / f"{uid}.dcm"
+            ds = pydicom.dcmread(path)
             assert ds.SOPInstanceUID == uid
+            # The provenance every image file carries, plus the image set's.
+            assert os.getxattr(path, "user.fsmount.image-set").decode() == set_ids[pk]
+            assert os.getxattr(path, "user.fsmount.item").decode() == pk
+            assert os.getxattr(path, "user.fsmount.socket") == b"dicom-image-set"
             assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
             frames[uid] = int(ds.get("NumberOfFrames", 1))
     assert sorted(frames.values()) == [1, 1, 1, 1, 1, 2]
