@@ -66,6 +66,7 @@ STARTUP_DEADLINE = 10.0  # seconds: a mount that cannot work must say so quickly
 # apart from the server's must not make every signature look old or young).
 SIGNED_FOR = 300.0
 SIGNATURE_MARGIN = 60.0
+SIGNED_SETS_KEPT = 64  # image sets whose signed requests are kept (a CT series: ~1 KB a slice)
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 R = TypeVar("R")
@@ -215,6 +216,8 @@ class GrandChallenge:
         self._only = archives or []
         self._image_limit = trio.CapacityLimiter(IMAGES_AT_ONCE)
         self._sockets: dict[tuple[str, str, str, str], _Socket] = {}
+        # image pk -> its instances' signed requests, for the sets read from lately (`_Signer`)
+        self.signed_sets: LRUCache[str, dict[str, SignedUrl]] = LRUCache(SIGNED_SETS_KEPT)
         self.urls = MediaUrls(api.base_url if api is not None else "https://grand-challenge.test/")
 
     async def check(self) -> None:
@@ -675,34 +678,39 @@ class _Signer:
     `SIGNATURE_MARGIN` after they were asked for, or until HealthImaging refuses one of this
     answer's (`SignedUrl.refused`). Then the next file to need one asks again, and every other
     file waits for that one request (an answer is asked for by one task at a time).
+
+    Answers are kept by the source for the few sets read from lately (`signed_sets`), not by
+    every set ever listed: a walk of thousands of series must not keep a signed request per
+    slice; a set whose answer was dropped asks again when one of its files is next read.
     """
 
-    __slots__ = ("_answer", "_asking", "_generation", "_pk", "_source", "_until")
+    __slots__ = ("_asking", "_generation", "_pk", "_source", "_until")
 
     def __init__(self, source: GrandChallenge, pk: str) -> None:
         self._source = source
         self._pk = pk
-        self._answer: dict[str, SignedUrl] | None = None
         self._until = 0.0
         self._generation = 0
         self._asking: trio.Event | None = None
 
     async def instances(self) -> dict[str, SignedUrl]:
         """The current answer: asked for now if there is none, or it is too old to use."""
-        while self._answer is None or time.time() >= self._until:
+        while True:
+            answer = self._source.signed_sets.get(self._pk)
+            if answer is not None and time.time() < self._until:
+                return answer
             if self._asking is not None:
                 await self._asking.wait()  # asked by another file: use it, or ask if it failed
                 continue
             self._asking = asking = trio.Event()
             try:
                 asked = time.time()
-                self._answer = await self._source.instances(self._pk)
+                self._source.signed_sets[self._pk] = await self._source.instances(self._pk)
                 self._until = asked + SIGNED_FOR - SIGNATURE_MARGIN
                 self._generation += 1
             finally:
                 self._asking = None
                 asking.set()
-        return self._answer
 
     async def request(self, uid: str) -> SignedUrl:
         """The signed request for one instance, told back when HealthImaging refuses it."""

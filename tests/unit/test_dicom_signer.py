@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import pytest
 import trio
+from cachetools import LRUCache
 
 from fsmount.blob import SignedUrl
 from fsmount.sources import grand_challenge
-from fsmount.sources.grand_challenge import SIGNATURE_MARGIN, SIGNED_FOR, _Signer
+from fsmount.sources.grand_challenge import (
+    SIGNATURE_MARGIN,
+    SIGNED_FOR,
+    SIGNED_SETS_KEPT,
+    _Signer,
+)
 
 UIDS = [f"1.2.826.0.1.3680043.8.498.{n}" for n in range(5)]
 
@@ -18,6 +24,7 @@ class _Source:
 
     def __init__(self) -> None:
         self.asked = 0
+        self.signed_sets: LRUCache[str, dict[str, SignedUrl]] = LRUCache(SIGNED_SETS_KEPT)
 
     async def instances(self, pk: str) -> dict[str, SignedUrl]:
         self.asked += 1
@@ -70,5 +77,11 @@ def test_signatures_are_asked_for_again_once_for_all_files_when_old_or_refused(
         assert {s.headers["X-Amz-Date"] for s in third} == {"answer 3"}
         with pytest.raises(Exception, match="no longer listed"):
             await signer.request("9.9.9")
+        # Many other sets read from since: this one's answer was let go, and is asked again.
+        for other in range(SIGNED_SETS_KEPT):
+            source.signed_sets[f"other-{other}"] = {}
+        assert "image-pk" not in source.signed_sets
+        await _all(signer)
+        assert source.asked == 4
 
     trio.run(main)
