@@ -3,9 +3,8 @@
 `stat` answers from memory, then from the metadata kept across remounts, and only then probes
 storage (one-byte ranged GET), so `ls -l` after a remount costs no request per file. A blob
 whose storage tells no size (`RemoteBlob.whole_fetch`) is probed by fetching it whole into the
-block store, so the reads that follow are cache hits. `read`
-hands the block store a fetch function bound to the blob's version, so the cache never sees a
-URL and never mixes versions.
+block store, so the reads that follow are cache hits. `read` hands the block store a fetch
+function bound to the blob's version, so the cache never sees a URL and never mixes versions.
 """
 
 from __future__ import annotations
