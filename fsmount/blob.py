@@ -8,15 +8,25 @@ itself, because signed URLs expire and resolving one may cost an audited API req
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class SignedUrl:
-    """A URL that grants access to one object's bytes until `expires_at` (Unix time)."""
+    """A URL that grants access to one object's bytes until `expires_at` (Unix time).
+
+    Most are presigned: the signature is in the query. Some services sign the request instead
+    (AWS SigV4 headers, for HealthImaging): then `method` and `headers` are part of it, sent
+    exactly as given (the signature covers them), and `refused`, if set, is told when storage
+    refuses the request, before a new one is asked for: one signer may have signed many
+    objects' requests at once, and must sign them all again, once.
+    """
 
     url: str
     expires_at: float
+    method: str = "GET"
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # signatures: secret
+    refused: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,11 @@ class RemoteBlob:
     spares a probe. `description` is a secret-free label for logs. `costly_probe` marks
     bytes the service makes on demand (a format conversion): their size is never probed before
     a program asks for it.
+
+    `whole_fetch` marks bytes whose storage tells no size (HealthImaging: no size anywhere,
+    maybe no Range, maybe no Content-Length): the size is learned by fetching the whole object
+    into the block cache, which is then its probe, so later reads are cache hits. Its blocks
+    are kept before any ETag is seen, under `version`, which such a blob should name.
     """
 
     key: str
@@ -48,6 +63,7 @@ class RemoteBlob:
     version: str | None = None
     xattrs: Mapping[str, str] | None = None
     costly_probe: bool = False
+    whole_fetch: bool = False
 
 
 @dataclass(eq=False)

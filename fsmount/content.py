@@ -1,9 +1,10 @@
 """Where a read meets the cache: sizes before the first byte, bytes through the block store.
 
 `stat` answers from memory, then from the metadata kept across remounts, and only then probes
-storage (one-byte ranged GET), so `ls -l` after a remount costs no request per file. `read`
-hands the block store a fetch function bound to the blob's version, so the cache never sees a
-URL and never mixes versions.
+storage (one-byte ranged GET), so `ls -l` after a remount costs no request per file. A blob
+whose storage tells no size (`RemoteBlob.whole_fetch`) is probed by fetching it whole into the
+block store, so the reads that follow are cache hits. `read` hands the block store a fetch
+function bound to the blob's version, so the cache never sees a URL and never mixes versions.
 """
 
 from __future__ import annotations
@@ -138,7 +139,10 @@ class Content:
         """One size probe, as a task of its own: it must never raise (it would end the mount)."""
         try:
             async with self._limit:
-                st = await self._storage.probe(blob)
+                if blob.whole_fetch:
+                    st = await self._fetched_whole(blob)
+                else:
+                    st = await self._storage.probe(blob)
             if blob.mtime is not None:  # the service's own time beats the storage's
                 st = BlobStat(st.size, blob.mtime, st.etag)
             self._stats[_identity(blob)] = st
@@ -154,6 +158,19 @@ class Content:
             if len(self._unsaved) >= _SAVE_BATCH or not self._probing:
                 self._save()
             probe.done.set()
+
+    async def _fetched_whole(self, blob: RemoteBlob) -> BlobStat:
+        """The size of a blob whose storage tells none: the count of its bytes, fetched whole
+        into the block store (retried and resumed like any read). Only a complete fetch gives
+        a size, so a half-fetched object is never served."""
+        etag: str | None = None
+
+        async def fetch(sink: Sink) -> None:
+            nonlocal etag
+            etag = await self._storage.fetch(blob, 0, None, None, sink)
+
+        size = await self._blocks.keep(block_key(blob, None), fetch)
+        return BlobStat(size, 0.0, etag)
 
     def _save(self) -> None:
         """Write what probes learned in one transaction: a directory of 10,000 files costs a
@@ -201,7 +218,7 @@ class Content:
             await self._storage.fetch(blob, start, end, etag, sink, pin)
 
         try:
-            key = block_key(blob, st)
+            key = block_key(blob, st.etag)
             return await self._blocks.read(key, st.size, offset, length, fetch, reader=reader)
         except ContentChanged:
             self.forget(blob)  # the next open learns the current size/version afresh
@@ -235,10 +252,11 @@ def _stored_stat(stored: dict[str, Any]) -> BlobStat:
     return BlobStat(stored["size"], stored["mtime"], stored.get("etag"))
 
 
-def block_key(blob: RemoteBlob, st: BlobStat) -> str:
-    """What the block store keeps a blob's bytes under: the object and its version (a batch
-    export stores under it too, so that a later read finds what the export brought)."""
-    return f"{blob.key}@{blob.version or st.etag or ''}"
+def block_key(blob: RemoteBlob, etag: str | None) -> str:
+    """What the block store keeps a blob's bytes under: the object and its version (the
+    service's own name for it, or else the storage's ETag). A batch export stores under it
+    too, so that a later read finds what the export brought."""
+    return f"{blob.key}@{blob.version or etag or ''}"
 
 
 def _identity(blob: RemoteBlob) -> str:

@@ -181,7 +181,7 @@ class BatchExport:
                     unsized.setdefault(asset_id, file.path)
                 elif asset_id not in natives:
                     stat = await self._content.stat(blob)
-                    key = block_key(blob, stat)
+                    key = block_key(blob, stat.etag)
                     natives[asset_id] = _Native(asset_id, file.path, blob, key, stat.size)
         return list(natives.values()), list(unsized.values()), len(converted)
 

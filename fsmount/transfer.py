@@ -7,7 +7,10 @@ Policy, in one place:
 - a stall (no byte for `stall_timeout`) is a timeout, hence retried;
 - an interrupted body resumes from the last byte received, with `If-Range` so versions never mix;
 - signed URLs are reused for every range until shortly before they expire, and asked for again
-  once when storage answers 403;
+  once when storage answers 403; a request signed in its headers (SigV4) is sent with exactly
+  its method, URL and headers, plus only the unsigned Range ones;
+- a body of unknown length (`fetch` to the end) is bounded by stalls, not by the deadline, and
+  every byte it brought renews the retry budget;
 - storage and CDN requests go through a client that has no credentials at all, so the API's
   `Authorization` can never reach them; URLs are logged without their query strings.
 """
@@ -203,6 +206,11 @@ class _Attempts:
         self.policy = policy
         self.what = what
         self.stats = stats
+        self.started = time.monotonic()
+        self.count = 0
+
+    def restart(self) -> None:
+        """The operation made progress: its budget (time and backoff) starts again."""
         self.started = time.monotonic()
         self.count = 0
 
@@ -418,8 +426,8 @@ class Storage:
         self._stats = stats
         # No auth, no default headers beyond httpx's own: nothing secret can leak from here.
         self._clients = _Clients(policy, follow_redirects=True, transport=transport)
-        # blob key -> (url, reuse until); expired URLs drop out, and the book stays bounded
-        self._urls: TLRUCache[str, tuple[str, float]] = TLRUCache(
+        # blob key -> (signed URL, reuse until); expired ones drop out, the book stays bounded
+        self._urls: TLRUCache[str, tuple[SignedUrl, float]] = TLRUCache(
             maxsize=_URL_BOOK_SIZE, ttu=lambda _key, value, _now: value[1], timer=time.time
         )
         self._resolving: dict[str, trio.Event] = {}
@@ -427,7 +435,7 @@ class Storage:
     async def aclose(self) -> None:
         await self._clients.aclose()
 
-    async def signed_url(self, blob: RemoteBlob, *, fresh: bool = False) -> str:
+    async def signed(self, blob: RemoteBlob, *, fresh: bool = False) -> SignedUrl:
         """The blob's signed URL, resolved at most once at a time and reused until near expiry."""
         while True:
             current = self._urls.get(blob.key)
@@ -441,8 +449,8 @@ class Storage:
         done = self._resolving[blob.key] = trio.Event()
         try:
             signed = await blob.resolve()
-            self._urls[blob.key] = (signed.url, _reuse_until(signed))
-            return signed.url
+            self._urls[blob.key] = (signed, _reuse_until(signed))
+            return signed
         finally:
             del self._resolving[blob.key]
             done.set()
@@ -514,7 +522,7 @@ class Storage:
         self,
         blob: RemoteBlob,
         start: int,
-        end: int,
+        end: int | None,
         etag: str | None,
         sink: Callable[[bytes], Awaitable[None]],
         pin: Callable[[str | None], None] | None = None,
@@ -527,7 +535,11 @@ class Storage:
         With `etag` None, the first response's ETag pins the version for the resumes, so the
         pieces of one range never come from two versions either; `pin` sees that ETag first
         and may raise to refuse it (one file's ranges must agree with each other).
+
+        `end` None means to the end of an object whose size is not known (`whole_fetch`): the
+        body ends where the server's framing (Content-Length, chunked) or Content-Range says.
         """
+        want = None if end is None else end - start  # bytes to hand over, if known
         got = 0  # bytes of [start, end) handed to `sink`
         pinned = etag
 
@@ -547,36 +559,41 @@ class Storage:
                 first = response.headers.get("Content-Range", "").removeprefix("bytes ")
                 if not first.startswith(f"{start + got}-"):
                     raise FetchError.eio(f"{blob.description}: storage sent another range")
+                to = first.partition("-")[2].partition("/")[0]
+                ends = int(to) + 1 if to.isdigit() else start  # where this body must end
                 skip = 0
             else:  # 200: Range ignored, skip to where we are
+                ends = start
                 skip = start + got
             async for chunk in response.aiter_raw():
                 self._stats.bytes_fetched += len(chunk)
                 if skip:
                     cut = min(skip, len(chunk))
                     chunk, skip = chunk[cut:], skip - cut
-                if len(chunk) > end - start - got:
-                    chunk = chunk[: end - start - got]
+                if want is not None and len(chunk) > want - got:
+                    chunk = chunk[: want - got]
                 if chunk:
                     got += len(chunk)
                     await sink(chunk)
                 # A 206 body is read to its end so the connection can be reused; a whole
                 # object (Range ignored) is abandoned once we have our part.
-                if got >= end - start and response.status_code == 200:
+                if want is not None and got >= want and response.status_code == 200:
                     break
-            if got < end - start:
+            if got < (want if want is not None else ends - start):
                 raise httpx.RemoteProtocolError("body ended early")
             return True
 
         def headers() -> dict[str, str]:
-            h = {"Range": f"bytes={start + got}-{end - 1}", "Accept-Encoding": "identity"}
+            until = "" if end is None else end - 1
+            h = {"Range": f"bytes={start + got}-{until}", "Accept-Encoding": "identity"}
             if pinned:
                 h["If-Range"] = pinned
             return h
 
-        if end <= start:
+        if end is not None and end <= start:
             return etag
-        await self._exchange(blob, headers, handle, f"bytes {start}-{end - 1}")
+        what = f"bytes {start}-{'' if end is None else end - 1}"
+        await self._exchange(blob, headers, handle, what, (lambda: got) if end is None else None)
         return pinned
 
     async def _exchange(
@@ -585,20 +602,31 @@ class Storage:
         headers: Mapping[str, str] | Callable[[], Mapping[str, str]],
         handle: Callable[[httpx.Response], Awaitable[bool]],
         what: str,
+        progress: Callable[[], int] | None = None,
     ) -> None:
-        """One storage GET with the full policy: retries, resume, 403 → new URL once."""
+        """One storage GET with the full policy: retries, resume, 403 → new URL once.
+
+        With `progress` (bytes handed over so far), the body is of unknown length: once its
+        headers are in, only a stall ends it, and an attempt that brought bytes renews the
+        retry budget (a large object must not fail for taking longer than the deadline).
+        """
         attempts = _Attempts(self._policy, f"{blob.description} {what}", self._stats)
         refreshed = False
         fresh = False
+        delivered = 0
         while True:
-            url = await self.signed_url(blob, fresh=fresh)
+            signed = await self.signed(blob, fresh=fresh)
             fresh = False
             h = headers() if callable(headers) else headers
             try:
-                with trio.fail_after(max(attempts.remaining(), 0.001)):
+                with trio.fail_after(max(attempts.remaining(), 0.001)) as scope:
                     self._stats.requests += 1
                     client = self._clients.pick(blob.key)
-                    async with client.stream("GET", url, headers=h) as response:
+                    async with client.stream(
+                        signed.method, signed.url, headers={**signed.headers, **h}
+                    ) as response:
+                        if progress is not None:
+                            scope.deadline = math.inf
                         self._stats.by_status[response.status_code] += 1
                         if await handle(response):
                             return
@@ -607,10 +635,15 @@ class Storage:
                         reason = _error_reason(response)
                         wait = _retry_after(response)
             except (httpx.TransportError, trio.TooSlowError) as exc:
+                if progress is not None and progress() > delivered:
+                    delivered = progress()
+                    attempts.restart()
                 await attempts.backoff(f"{type(exc).__name__} from storage", errno.ETIMEDOUT)
                 continue
             if status in (400, 401, 403) and not refreshed:
                 refreshed = fresh = True  # expired or otherwise refused signature: ask again
+                if signed.refused is not None:
+                    signed.refused()
                 log.info("%s: storage answered %d; asking for a new URL", blob.description, status)
                 continue
             if status in RETRY_STATUSES:

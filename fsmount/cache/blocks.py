@@ -518,6 +518,53 @@ class BlockStore:
         if stream is not None:
             self._drop(stream)
 
+    async def keep(self, key: str, fetch: Callable[[Sink], Awaitable[None]]) -> int:
+        """Fetch a whole object of unknown size and keep its blocks; return its size.
+
+        `fetch` hands all of the object's bytes to the sink, in order. Each full block is
+        stored as soon as it is in (a block's name does not depend on the size, only the last
+        one's length does), the last one once `fetch` has returned: only then is the size
+        known. A fetch that fails leaves the full blocks stored so far; they are right bytes
+        of `key`, and are read only by a caller that knows the size, which nothing but a
+        complete fetch tells, so a half-fetched object is never served.
+        """
+        if self._closed:
+            raise RuntimeError("BlockStore is closed")
+        digest = _digest(self._block_size, key)
+        parts: list[memoryview] = []
+        have = 0  # bytes of the block being filled
+        kept = 0  # bytes of the object in blocks already stored
+
+        async def store(block: bytes) -> None:
+            nonlocal kept
+            index = kept // self._block_size
+            await self._store(self._ref(digest, kept + len(block), index), block)
+            kept += len(block)
+
+        async def sink(piece: bytes) -> None:
+            nonlocal parts, have
+            view, at = memoryview(piece), 0
+            while at < len(piece):
+                take = min(self._block_size - have, len(piece) - at)
+                parts.append(view[at : at + take])
+                at += take
+                have += take
+                if have == self._block_size:
+                    block = b"".join(parts)
+                    parts, have = [], 0
+                    await store(block)
+
+        self._downloads += 1
+        try:
+            await fetch(sink)
+        finally:
+            self._downloads -= 1
+        if have:
+            await store(b"".join(parts))
+        self._counters["fetches"] += 1
+        self._counters["bytes_fetched"] += kept
+        return kept
+
     def stats(self) -> CacheStats:
         """A snapshot of what this store holds and has done."""
         return CacheStats(

@@ -29,6 +29,7 @@ from typing import Any
 from PIL import Image as PILImage
 
 from fsmount.demo.content import pattern
+from fsmount.demo.dicom_samples import DicomInstance, ct_series, slide_instance, slide_label
 
 _NAMESPACE = uuid.UUID("7d3a6c1e-2f0b-4a51-9c4e-6b1f0e2d9a10")
 STORED_AT = 1_717_236_000  # 2024-06-01T10:00:00Z: Last-Modified of the first stored object
@@ -254,11 +255,25 @@ class ImageFile:
 
 
 @dataclass(frozen=True)
+class DicomImageSet:
+    """An AWS HealthImaging image set. `entries` are the instances as the instances endpoint
+    lists them: once per frame, so a multi-frame instance repeats."""
+
+    image_set_id: str
+    entries: tuple[DicomInstance, ...]
+
+    def instances(self) -> list[DicomInstance]:
+        """Each instance once, in the order the listing first names it."""
+        return list({i.sop_instance_uid: i for i in self.entries}.values())
+
+
+@dataclass(frozen=True)
 class Image:
     pk: str
     name: str
     files: tuple[ImageFile, ...]
-    meta: dict[str, Any]  # every HyperlinkedImage field but pk, name, files and api_url
+    meta: dict[str, Any]  # every HyperlinkedImage field but pk, name, files, api_url, set
+    image_set: DicomImageSet | None = None
 
 
 @dataclass(frozen=True)
@@ -330,6 +345,14 @@ SOCKETS: tuple[Socket, ...] = (
     ),
     _S(203, "pathology-slide", "Pathology Slide", "Image", "Image", "images/pathology-slide"),
     _S(204, "legacy-ct", "Legacy CT", "Image", "Image", "images/legacy-ct"),
+    _S(
+        205,
+        "dicom-image-set",
+        "DICOM Image Set",
+        "DICOM Image Set",
+        "Image",
+        "images/dicom-image-set",
+    ),
     _S(212, "detections-json-file", "Detections JSON File", "Anything", "File", "detections.json"),
     _S(215, "report", "Report", "PDF file", "File", "files/report.pdf"),
     _S(220, "points", "Points", "Multiple points", "Value", "annotations/2024/points.json"),
@@ -434,6 +457,13 @@ class _Builder:
             ("{pk}.dzi", "DZI", dzi_descriptor()),
         ]
         return self.image("pathology-slide", name, files, _SLIDE_META)
+
+    def dicom_set(self, name: str, entries: list[DicomInstance], meta: dict[str, Any]) -> Value:
+        """A DICOM Image Set value: an image with no stored files, only an image set."""
+        pk = uid("image", name, self.next_civ)
+        image_set = DicomImageSet(uid("image-set", name).replace("-", ""), tuple(entries))
+        image = Image(pk, name, (), meta, image_set)
+        return Value(self._civ_pk(), SOCKET["dicom-image-set"], image=image)
 
     def legacy(self, seed: int, stem: str) -> Value:
         header, data = legacy_mhd_pair(seed, f"{stem}.zraw")
@@ -555,6 +585,41 @@ def _medical(b: _Builder) -> Archive:
             "svg_icon": '<svg xmlns="http://www.w3.org/2000/svg" width="32" height="18"/>',
         },
         view_content={"main": ["ct"]},
+    )
+
+
+_DICOM_META: dict[str, Any] = dict(
+    _CT_META, width=16, height=16, depth=4, shape_without_color=[4, 16, 16], shape=[4, 16, 16]
+)
+_WSI_META: dict[str, Any] = dict(
+    _SLIDE_META, width=1024, height=512, shape_without_color=[512, 1024], shape=[512, 1024, 3]
+)
+
+
+def _dicom(b: _Builder) -> Archive:
+    """DICOM image sets in AWS HealthImaging: a CT series, and a slide whose 2-frame instance
+    the instances endpoint lists once per frame (around its single-frame label image)."""
+    tiles, label = slide_instance("demo-slide"), slide_label("demo-slide")
+    series = Item(
+        uid("item", "demo-dicom", 1),
+        sort_civs(
+            [
+                b.value("results-json-file", {"modality": "CT", "slices": 4}),
+                b.dicom_set("ct_series.dcm", ct_series("demo-ct"), _DICOM_META),
+            ]
+        ),
+    )
+    slide = Item(
+        uid("item", "demo-dicom", 2),
+        (b.dicom_set("slide.dcm", [tiles, label, tiles], _WSI_META),),
+    )
+    return Archive(
+        uid("archive", "demo-dicom"),
+        "demo-dicom",
+        "Demo DICOM image sets",
+        "Images stored as DICOM image sets in AWS HealthImaging: one .dcm per instance.",
+        public=True,
+        items=[series, slide],
     )
 
 
@@ -744,11 +809,17 @@ def expected_item(item: Item) -> tuple[dict[str, Payload], set[str]]:
             continue
         if civ.image is not None:
             prefix = f"{path}/" if path else ""
-            shown = {
-                prefix + name: image_file.stored.payload
-                for image_file in civ.image.files
-                if (name := _image_file_name(civ.image, image_file)) is not None
-            }
+            if civ.image.image_set is not None:  # one file per distinct instance
+                shown = {
+                    f"{prefix}{instance.sop_instance_uid}.dcm": Payload.of(instance.data)
+                    for instance in civ.image.image_set.instances()
+                }
+            else:
+                shown = {
+                    prefix + name: image_file.stored.payload
+                    for image_file in civ.image.files
+                    if (name := _image_file_name(civ.image, image_file)) is not None
+                }
             if path:
                 dirs.add(path)
                 image_dirs.add(path)
@@ -787,10 +858,12 @@ class SampleData:
             _edge_cases(b),
             _large(b),
             _private(b),
+            _dicom(b),
         )
         self.sockets = SOCKETS
         self._items: dict[str, tuple[Archive, Item]] = {}
         self._images: dict[str, tuple[Archive, Image]] = {}
+        self._image_sets: dict[str, DicomImageSet] = {}
         self._objects: dict[str, Archive] = {}
         for archive in self.archives:
             for item in archive.items:
@@ -803,6 +876,8 @@ class SampleData:
                 self._objects[civ.file.key] = archive
             if civ.image is not None:
                 self._images[civ.image.pk] = (archive, civ.image)
+                if civ.image.image_set is not None:
+                    self._image_sets[civ.image.image_set.image_set_id] = civ.image.image_set
                 for image_file in civ.image.files:
                     self._objects[image_file.stored.key] = archive
 
@@ -821,6 +896,10 @@ class SampleData:
     def image(self, pk: str) -> tuple[Archive, Image] | None:
         with self._lock:
             return self._images.get(pk)
+
+    def image_set(self, image_set_id: str) -> DicomImageSet | None:
+        with self._lock:
+            return self._image_sets.get(image_set_id)
 
     def stored(self, key: str) -> tuple[Archive, StoredObject] | None:
         """The object at a storage key and the archive whose permissions guard it."""

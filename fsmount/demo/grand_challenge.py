@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from fsmount.demo.gc_samples import Archive, ExpectedFile, Image, Item, SampleData, Value
+from fsmount.demo.healthimaging import HealthImagingFake
 from fsmount.demo.httpcommon import (
     FakeService,
     FaultInjector,
@@ -119,6 +120,12 @@ class GrandChallengeFake(FakeService):
     `log.peak_in_flight("storage")`) and `api_hold` (the same for API and `/media/` requests,
     to play a distant server). `api_faults` and `storage_faults` (`FaultInjector`) make
     either server misbehave. Item records handed out by listings count as `log.records("items")`.
+
+    DICOM image sets are served by a third server, a fake AWS HealthImaging (`healthimaging`,
+    its requests counted as "healthimaging" in the same log): the API's
+    `cases/images/<pk>/dicom/instances/` (kind "instances") needs the token, answers 404
+    `{"detail":"This image does not have a DICOM Image Set."}` for an image without a set, and
+    lists each instance once per frame with a request signed for HealthImaging when it answers.
     """
 
     def __init__(self, *, tls: TlsFiles | None = None, key_pair_id: str = "K2JCJMDEHXQW5F") -> None:
@@ -138,12 +145,19 @@ class GrandChallengeFake(FakeService):
         self.storage_faults = FaultInjector(self._storage_app, seed=2)
         self._storage: RunningServer = start_server(self.storage_faults, tls=tls)
         try:
-            self._api: RunningServer = start_server(self.api_faults, tls=tls)
+            self.healthimaging = HealthImagingFake(
+                self.data.image_set, self.log, forbidden=self.token, tls=tls
+            )
+            try:
+                self._api: RunningServer = start_server(self.api_faults, tls=tls)
+            except BaseException:
+                self.healthimaging.server.stop()
+                raise
         except BaseException:
             self._storage.stop()
             raise
-        self._servers = (self._api, self._storage)
-        self._injectors = (self.api_faults, self.storage_faults)
+        self._servers = (self._api, self._storage, self.healthimaging.server)
+        self._injectors = (self.api_faults, self.storage_faults, self.healthimaging.faults)
         self.storage_url = self._storage.url
         self.api_url = self._api.url + API_PREFIX
 
@@ -160,6 +174,11 @@ class GrandChallengeFake(FakeService):
     def expected_dirs(self, slug: str) -> set[str]:
         """The directories under `grand-challenge/<slug>/`, item directories included."""
         return self.data.expected_tree(slug)[1]
+
+    def reset_faults(self) -> None:
+        """Every server well-behaved again, HealthImaging's knobs and clock included."""
+        super().reset_faults()
+        self.healthimaging.reset()
 
     def add_item(self, slug: str) -> str:
         """Add a light item (a Value and a CSV file) to an archive at runtime; returns its pk."""
@@ -230,11 +249,13 @@ class GrandChallengeFake(FakeService):
             }
             for f in image.files
         ]
+        image_set = image.image_set
         return {
             "pk": image.pk,
             "name": image.name,
             "files": files,
             **image.meta,
+            "dicom_image_set": {"image_set_id": image_set.image_set_id} if image_set else None,
             "api_url": f"{call.origin}{API_PREFIX}cases/images/{image.pk}/",
         }
 
@@ -384,6 +405,28 @@ class GrandChallengeFake(FakeService):
             return _not_found("Image")
         return json_response(self._image_json(call, found[1]))
 
+    def _instances(self, call: _Call) -> Response:
+        """`cases/images/<pk>/dicom/instances/`: every instance of the image's set, once per
+        frame, each with a request signed for HealthImaging now (they expire together)."""
+        if not call.authenticated:
+            return _Denied("Authentication credentials were not provided.").response
+        if call.pk is None or not _UUID.fullmatch(call.pk):
+            return _not_found(None)
+        found = self.data.image(call.pk)
+        if found is None or not self._visible(call, found[0]):
+            return _not_found("Image")
+        image_set = found[1].image_set
+        if image_set is None:
+            return json_response({"detail": "This image does not have a DICOM Image Set."}, 404)
+        instances = [
+            {
+                "sop_instance_uid": entry.sop_instance_uid,
+                "get_instance": self.healthimaging.get_instance(image_set, entry),
+            }
+            for entry in image_set.entries
+        ]
+        return json_response({"image_set_id": image_set.image_set_id, "instances": instances})
+
     def _interfaces(self, call: _Call) -> Response:
         if not call.authenticated:
             return _Denied("Authentication credentials were not provided.").response
@@ -421,6 +464,7 @@ class GrandChallengeFake(FakeService):
         (re.compile(r"archives/(?P<pk>[^/.]+)/"), "archive", _archive),
         (re.compile(r"cases/images/"), "images", _images),
         (re.compile(r"cases/images/(?P<pk>[^/.]+)/"), "image", _image),
+        (re.compile(r"cases/images/(?P<pk>[^/.]+)/dicom/instances/"), "instances", _instances),
         (re.compile(r"components/interfaces/(?:(?P<pk>[^/.]+)/)?"), "interfaces", _interfaces),
     )
 

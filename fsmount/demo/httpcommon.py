@@ -154,7 +154,7 @@ def json_response(
 # --------------------------------------------------------------------------- ranged bodies
 
 
-def _parse_range(header: str, size: int) -> tuple[int, int] | str | None:
+def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
     """Return `(start, end_inclusive)`, None to ignore the header, or "unsatisfiable".
 
     Like S3, a header that is malformed or asks for several ranges is ignored (full 200).
@@ -212,7 +212,7 @@ def range_response(
     if "range" in request.headers and _if_range_holds(
         request.headers.get("if-range", quoted), quoted, last_modified
     ):
-        wanted = _parse_range(request.headers["range"], size)
+        wanted = parse_range(request.headers["range"], size)
     if wanted == "unsatisfiable":
         headers["content-range"] = f"bytes */{size}"
         headers["content-type"] = "application/xml"
@@ -549,7 +549,8 @@ class Faults:
     sequential test sees the same faults on every run. `scripted` and `fail_next` are the exact
     forms, considered before any rate: the next matching requests get the `scripted` answers,
     one each and in order (`(status, Retry-After or None)`), then the next `fail_next` ones fail
-    with `error_statuses[0]`. A Retry-After is seconds, or any text (a malformed header).
+    with `error_statuses[0]`; `cut_next` cuts the bodies of the next ones. A Retry-After is
+    seconds, or any text (a malformed header).
 
     A full outage with connections refused is not an ASGI matter: see `RunningServer.refuse`
     and `FakeService.refusing_connections`.
@@ -567,6 +568,7 @@ class Faults:
     # `{"detail"}` bodies, no `remainingSeconds`)
     remaining_seconds: float | None = None
     cut_rate: float = 0.0  # the body stops half-way and the connection drops
+    cut_next: int = 0  # the next N matching requests are cut (the exact form of cut_rate)
     stall_rate: float = 0.0  # the body stops half-way for `stall_seconds`, then drops
     stall_seconds: float = 3600.0
     etag_generation: int = 0  # > 0: objects look replaced (new ETag and Last-Modified)
@@ -688,7 +690,10 @@ class FaultInjector:
             if status is None and self._random.random() < f.error_rate:
                 status = self._random.choice(f.error_statuses)
             interrupt = None
-            if status is None and self._random.random() < f.cut_rate:
+            if status is None and self._faults.cut_next > 0:
+                self._faults = dataclasses.replace(self._faults, cut_next=f.cut_next - 1)
+                interrupt = "cut"
+            elif status is None and self._random.random() < f.cut_rate:
                 interrupt = "cut"
             elif status is None and self._random.random() < f.stall_rate:
                 interrupt = "stall"

@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -38,12 +39,20 @@ def _tour(mountpoint: Path) -> None:
                 count = len(os.listdir(base / entry))
                 out.append(f"    {entry}/  ({count} entries)")
         gc = mountpoint / "grand-challenge"
-        sample = _first_file(gc / "demo-medical", depth=2) or _first_file(gc, depth=4)
+        sample = _first(gc / "demo-medical", 2, _small_json) or _first(gc, 4, _small_json)
         if sample is not None:
             out.append(f"\n  {sample.relative_to(mountpoint.parent)}:")
             out.append(
                 "    " + sample.read_bytes()[:300].decode(errors="replace").replace("\n", "\n    ")
             )
+        image_set = _first(gc / "demo-dicom", 2, _image_set)
+        if image_set is not None:
+            names = os.listdir(image_set)
+            out.append(
+                f"\n  {image_set.relative_to(mountpoint.parent)}/: a DICOM image set (AWS"
+                f" HealthImaging), one file per instance:"
+            )
+            out += [f"    {name}  ({(image_set / name).stat().st_size:,} bytes)" for name in names]
     except OSError as exc:
         out.append(f"  (could not list the mount: {exc})")
     rel = os.path.relpath(mountpoint)
@@ -53,6 +62,7 @@ def _tour(mountpoint: Path) -> None:
         "\nTry, in another terminal:",
         f"  ls -lR {rel}/grand-challenge | head -40",
         f"  find {rel}/grand-challenge -name '*.mha'",
+        f"  ls -l {rel}/grand-challenge/demo-dicom/*/images/dicom-image-set",
         f"  cp {rel}/scenario/assets/*.webp /tmp/",
         f"  getfattr -d {rel}/scenario/assets/*.glb | head",
         "\nPress Ctrl-C to unmount and exit.",
@@ -60,19 +70,29 @@ def _tour(mountpoint: Path) -> None:
     print("\n".join(out), flush=True)
 
 
-def _first_file(directory: Path, depth: int) -> Path | None:
-    """A small JSON file to show, found without walking big directories."""
+def _first(directory: Path, depth: int, match: Callable[[Path], bool]) -> Path | None:
+    """The first entry that `match`es, `depth` levels down at most, without walking big
+    directories."""
     if depth < 0 or not directory.is_dir():
         return None
     entries = sorted(directory.iterdir())[:20]
     for entry in entries:
-        if entry.is_file() and entry.suffix == ".json" and entry.stat().st_size < 4096:
+        if match(entry):
             return entry
     for entry in entries:
-        found = _first_file(entry, depth - 1) if entry.is_dir() else None
+        found = _first(entry, depth - 1, match) if entry.is_dir() else None
         if found is not None:
             return found
     return None
+
+
+def _small_json(entry: Path) -> bool:
+    return entry.is_file() and entry.suffix == ".json" and entry.stat().st_size < 4096
+
+
+def _image_set(entry: Path) -> bool:
+    """A directory of `.dcm` files (listing it asks for its instances, nothing more)."""
+    return entry.is_dir() and any(name.endswith(".dcm") for name in os.listdir(entry))
 
 
 def run_demo(mountpoint: Path) -> int:

@@ -11,15 +11,23 @@ needs as soon as its page arrives (`_Item`, `_Value`, `_Image`), so a 100,000-it
 costs tens of megabytes, not the raw JSON of every page; an item's directory tree is built
 from its record when first listed. A path under an item of an archive that was never listed
 costs that one item's request (and its images'), not the whole listing.
+
+An image stored as a DICOM image set (AWS HealthImaging) is a directory of
+`<SOPInstanceUID>.dcm` files listed by the image's `dicom/instances/` request when that
+directory is first listed, never with its item. The same answer carries a request signed for
+each instance (SigV4 headers, valid about 5 minutes), shared by all the set's files and asked
+for again, once for all of them, when it grows old or HealthImaging refuses it (`_Signer`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
@@ -53,6 +61,13 @@ IMAGE_SUFFIXES = frozenset({"mha", "tif", "tiff"})
 LEGACY_SUFFIXES = frozenset({"mhd", "zraw", "raw"})
 ROOT = "grand-challenge"
 STARTUP_DEADLINE = 10.0  # seconds: a mount that cannot work must say so quickly
+# HealthImaging refuses a SigV4 request arriving ~5 minutes after it was signed. Signatures are
+# used for that long after they were asked for, less a margin for a slow start and the
+# retries of a read (measured on our clock from the request, not from X-Amz-Date: a clock
+# apart from the server's must not make every signature look old or young).
+SIGNED_FOR = 300.0
+SIGNATURE_MARGIN = 60.0
+SIGNED_SETS_KEPT = 64  # image sets whose signed requests are kept (a CT series: ~1 KB a slice)
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 R = TypeVar("R")
@@ -106,13 +121,20 @@ class _Item:
 
 
 class _Image:
-    """An image's stored files: (file pk, packed /media/ URL, image_type) each."""
+    """An image's stored files: (file pk, packed /media/ URL, image_type) each; or the id of
+    its DICOM image set, whose instances are asked for when its directory is listed."""
 
-    __slots__ = ("files", "pk")
+    __slots__ = ("files", "image_set", "pk")
 
-    def __init__(self, pk: str, files: tuple[tuple[str, str, str | None], ...]) -> None:
+    def __init__(
+        self,
+        pk: str,
+        files: tuple[tuple[str, str, str | None], ...],
+        image_set: str | None = None,
+    ) -> None:
         self.pk = pk
         self.files = files
+        self.image_set = image_set
 
 
 class MediaUrls:
@@ -165,10 +187,12 @@ def _image_record(image: Mapping[str, Any], urls: MediaUrls) -> tuple[str, _Imag
             for f in image.get("files") or []
             if isinstance(f, dict) and isinstance(f.get("file"), str)
         )
+        image_set = image.get("dicom_image_set")
+        set_id = str(image_set["image_set_id"]) if image_set is not None else None
     except (KeyError, TypeError, AttributeError):
         log.warning("skipping a malformed image record: %.200r", image)
         return None
-    return pk, _Image(pk, files)
+    return pk, _Image(pk, files, set_id)
 
 
 _TYPES = {t: t for t in ("MHD", "TIFF", "DZI")}
@@ -196,6 +220,8 @@ class GrandChallenge:
         self._only = archives or []
         self._image_limit = trio.CapacityLimiter(IMAGES_AT_ONCE)
         self._sockets: dict[tuple[Any, ...], _Socket] = {}
+        # image pk -> its instances' signed requests, for the sets read from lately (`_Signer`)
+        self.signed_sets: LRUCache[str, dict[str, SignedUrl]] = LRUCache(SIGNED_SETS_KEPT)
         self.urls = MediaUrls(api.base_url if api is not None else "https://grand-challenge.test/")
 
     async def check(self) -> None:
@@ -352,6 +378,27 @@ class GrandChallenge:
                 return None
         kept = _image_record(image, self.urls) if isinstance(image, dict) else None
         return kept[1] if kept else None
+
+    async def instances(self, pk: str) -> dict[str, SignedUrl]:
+        """An image's DICOM instances, each once, in the order listed, with its signed request
+        (`expires_at` 0: the caller knows when it was asked). A malformed entry is logged and
+        left out; an instance listed once per frame shows once."""
+        answer = await self._api.get_json(f"cases/images/{pk}/dicom/instances/")
+        found: dict[str, SignedUrl] = {}
+        entries = answer.get("instances") if isinstance(answer, dict) else None
+        for entry in entries if isinstance(entries, list) else []:
+            try:
+                uid = str(entry["sop_instance_uid"])
+                request = entry["get_instance"]
+                headers = {str(k): str(v) for k, v in request["headers"].items()}
+                signed = SignedUrl(str(request["url"]), 0.0, str(request["method"]), headers)
+                if request.get("data") is not None:
+                    raise TypeError("a request body")  # gcapi sends none either
+            except (KeyError, TypeError, AttributeError) as exc:
+                log.warning("image %s: skipping a malformed instance (%s)", pk, exc)
+                continue
+            found.setdefault(uid, signed)
+        return found
 
     def blob(self, key: str, media_url: str, described: str) -> RemoteBlob:
         """Bytes behind a `/media/` URL, which redirects to a signed storage URL."""
@@ -514,13 +561,21 @@ class ItemDirectory(Directory):
                 image = self.archive.known_image(str(value.payload))
                 if image is None:
                     log.warning("%s: skipping %s: its image is unknown", self.path, value)
-                    continue
-                files = _image_files(self, value, image)
-                if files:
+                elif image.image_set is not None:
+                    self._add_image_set(builder, value, image)
+                elif files := _image_files(self, value, image):
                     builder.add_files_in(socket.where(), files, value)
             else:
                 log.warning("%s: skipping %s: unknown super_kind", self.path, value)
         return builder.nodes()
+
+    def _add_image_set(self, builder: PathBuilder, value: _Value, image: _Image) -> None:
+        """A DICOM image set's directory, listed when it is first looked into."""
+        if not value.socket.parts:  # "" (the item itself) would cost a request per item
+            log.warning("%s: skipping %s: an image set needs a directory", self.path, value)
+            return
+        make = lambda name: ImageSetDirectory(name, self, value, image)  # noqa: E731
+        builder.add_file(value.socket.parts, make, value)
 
 
 def _is_image(value: _Value) -> bool:
@@ -629,3 +684,136 @@ class ImageFile(_ValueNode):
         source = self.item.archive.source
         url = source.urls.unpack_image_file(packed, self.image, file_pk)
         return source.blob(f"gc:imagefile:{file_pk}", url, self._described(self.name))
+
+
+class _Signer:
+    """The signed requests of one DICOM image set's instances, from one `dicom/instances/`
+    answer shared by all of the set's files.
+
+    HealthImaging signs every request of a set at once, when Grand Challenge answers, and AWS
+    refuses them about five minutes later: they are used until `SIGNED_FOR` less
+    `SIGNATURE_MARGIN` after they were asked for, or until HealthImaging refuses one of this
+    answer's (`SignedUrl.refused`). Then the next file to need one asks again, and every other
+    file waits for that one request (an answer is asked for by one task at a time).
+
+    Answers are kept by the source for the few sets read from lately (`signed_sets`), not by
+    every set ever listed: a walk of thousands of series must not keep a signed request per
+    slice; a set whose answer was dropped asks again when one of its files is next read.
+    """
+
+    __slots__ = ("_asking", "_generation", "_pk", "_source", "_until")
+
+    def __init__(self, source: GrandChallenge, pk: str) -> None:
+        self._source = source
+        self._pk = pk
+        self._until = 0.0
+        self._generation = 0
+        self._asking: trio.Event | None = None
+
+    async def instances(self) -> dict[str, SignedUrl]:
+        """The current answer: asked for now if there is none, or it is too old to use."""
+        while True:
+            answer = self._source.signed_sets.get(self._pk)
+            if answer is not None and time.time() < self._until:
+                return answer
+            if self._asking is not None:
+                await self._asking.wait()  # asked by another file: use it, or ask if it failed
+                continue
+            self._asking = asking = trio.Event()
+            try:
+                asked = time.time()
+                self._source.signed_sets[self._pk] = await self._source.instances(self._pk)
+                self._until = asked + SIGNED_FOR - SIGNATURE_MARGIN
+                self._generation += 1
+            finally:
+                self._asking = None
+                asking.set()
+
+    async def request(self, uid: str) -> SignedUrl:
+        """The signed request for one instance, told back when HealthImaging refuses it."""
+        signed = (await self.instances()).get(uid)
+        if signed is None:
+            raise FetchError(errno.ENOENT, f"image {self._pk}: instance {uid} is no longer listed")
+        generation = self._generation
+        return dataclasses.replace(
+            signed, expires_at=self._until, refused=lambda: self._refused(generation)
+        )
+
+    def _refused(self, generation: int) -> None:
+        """A request of answer `generation` was refused: that answer is spent (a later answer
+        already stands for it otherwise)."""
+        if generation == self._generation:
+            self._until = 0.0
+
+
+class ImageSetDirectory(Directory):
+    """A DICOM image set: `<SOPInstanceUID>.dcm` per distinct instance, in listed order.
+
+    Listed once, when first looked into: one `dicom/instances/` request, never a download
+    (sizes come when a program asks, each by fetching that instance whole).
+    """
+
+    __slots__ = ("image", "item", "signer", "value")
+
+    def __init__(self, name: str, item: ItemDirectory, value: _Value, image: _Image) -> None:
+        super().__init__(name, mtime=item.mtime)
+        self._listing = None
+        self.item = item
+        self.value = value
+        self.image = image
+        self.signer = _Signer(item.archive.source, image.pk)
+
+    def xattrs(self) -> Mapping[str, str]:
+        return {
+            **self.item.xattrs(),
+            "socket": self.value.socket.slug,
+            "relative-path": self.value.socket.relative_path,
+            "image": self.image.pk,
+            "image-set": str(self.image.image_set),
+        }
+
+    async def children(self) -> Listing:
+        if self._listing is None:
+            uids = list(await self.signer.instances())
+            if self._listing is None:  # another lookup may have listed it meanwhile
+                self._install([DicomFile(safe_name(f"{uid}.dcm", "_"), self, uid) for uid in uids])
+        assert self._listing is not None
+        return self._listing
+
+
+class DicomFile(_ValueNode):
+    """One instance of a DICOM image set: its Part-10 bytes from HealthImaging."""
+
+    __slots__ = ("image_set", "uid")
+
+    def __init__(self, name: str, image_set: ImageSetDirectory, uid: str) -> None:
+        super().__init__(name, image_set.item, image_set.value)
+        self.image_set = image_set
+        self.uid = uid
+
+    def xattrs(self) -> Mapping[str, str]:
+        directory = self.image_set
+        return {
+            **super().xattrs(),
+            "image": directory.image.pk,
+            "image-set": str(directory.image.image_set),
+            "sop-instance-uid": self.uid,
+        }
+
+    @property
+    def blob(self) -> RemoteBlob:
+        """No size anywhere, maybe no Range: learned by a whole fetch into the cache, which
+        is also why no walk ahead of a program guesses it (`costly_probe`)."""
+        directory, uid = self.image_set, self.uid
+
+        async def resolve() -> SignedUrl:
+            return await directory.signer.request(uid)
+
+        return RemoteBlob(
+            key=f"gc:dicom:{uid}",
+            resolve=resolve,
+            description=f"grand-challenge {self._described(self.name)}",
+            version=str(directory.image.image_set),
+            costly_probe=True,
+            whole_fetch=True,
+        )

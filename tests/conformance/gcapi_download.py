@@ -7,7 +7,9 @@ Run with the interpreter of a venv holding gcapi (its httpx pin clashes with our
         --archive demo-medical --output OUT
 
 It writes `OUT/<item-pk>/<relative_path>` per value, exactly as the recipe does: this output is
-what fsmount's mount is compared with. It imports nothing from fsmount on purpose.
+what fsmount's mount is compared with. With `--image PK` instead of `--archive`, it runs
+`images.download(pk=PK, output_directory=OUT)` alone (a DICOM image set: one
+`<SOPInstanceUID>.dcm` per listed instance). It imports nothing from fsmount on purpose.
 """
 
 from __future__ import annotations
@@ -36,11 +38,17 @@ def download_archive(client: gcapi.Client, slug: str, output: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base-url", required=True)
-    parser.add_argument("--archive", required=True)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--archive")
+    which.add_argument("--image")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
     warnings.simplefilter("error", UserWarning)  # a version warning: the fake drifted
     client = gcapi.Client(base_url=args.base_url, token=os.environ["GRAND_CHALLENGE_AUTHORIZATION"])
+    if args.image:
+        written = client.images.download(pk=args.image, output_directory=args.output)
+        print(f"downloaded {len(written)} files of image {args.image}")
+        return
     items = download_archive(client, args.archive, args.output)
     print(f"downloaded {items} items of {args.archive}")
 

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.conformance
 SCRIPT = Path(__file__).with_name("gcapi_download.py")
 # Archives the recipe can be run on: demo-edge-cases would write outside its output directory
 # (absolute and `..` relative_paths), and demo-large would hold 3 GiB in gcapi's memory.
-RECIPE_ARCHIVES = ("demo-medical", "demo-private", "demo-empty", "demo-cohort")
+RECIPE_ARCHIVES = ("demo-medical", "demo-private", "demo-empty", "demo-cohort", "demo-dicom")
 
 
 @dataclass
@@ -59,19 +59,46 @@ def expected_tree(gc: GrandChallengeFake, slug: str) -> Tree:
     )
 
 
-def run_recipe(gcapi_python: str, gc: GrandChallengeFake, slug: str, output: Path) -> Tree:
-    """Run the official download recipe on one archive of a TLS fake; return what it wrote."""
+def run_recipe(
+    gcapi_python: str, gc: GrandChallengeFake, slug: str, output: Path, *, image: str = ""
+) -> Tree:
+    """Run the official download recipe on one archive of a TLS fake (or `images.download` on
+    one image); return what it wrote.
+
+    One failure is gcapi 0.16.1's own and is let through, as a known deviation: it downloads a
+    DICOM image set's instances as listed, once per frame, 10 at once, and refuses to write a
+    file twice, so a multi-frame instance ends the recipe with FileExistsError, after its file
+    was written whole (the pool finishes every download before the error is raised).
+    """
     env = dict(
         os.environ,
         GRAND_CHALLENGE_AUTHORIZATION=gc.token,
         SSL_CERT_FILE=str(gc.ca_file),
     )
     command = [gcapi_python, str(SCRIPT), "--base-url", gc.api_url]
-    command += ["--archive", slug, "--output", str(output)]
+    command += ["--image", image] if image else ["--archive", slug]
+    command += ["--output", str(output)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0 or _repeated_instance(gc, done.stderr), done.stderr
     output.mkdir(exist_ok=True)  # an empty archive leaves nothing behind
     return read_tree(output)
+
+
+def _repeated_instance(gc: GrandChallengeFake, stderr: str) -> bool:
+    """Whether gcapi stopped on a multi-frame instance's second entry (FileExistsError)."""
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    if not last.startswith("FileExistsError:"):
+        return False
+    repeated = {
+        instance.sop_instance_uid
+        for archive in gc.data.archives
+        for item in archive.items
+        for civ in item.values
+        if civ.image is not None and civ.image.image_set is not None
+        for instance in civ.image.image_set.entries
+        if instance.frames > 1
+    }
+    return any(f"{uid}.dcm already exists" in last for uid in repeated)
 
 
 def assert_matches_recipe(recipe: Tree, shown: Tree, gc: GrandChallengeFake, slug: str) -> int:

@@ -51,3 +51,27 @@ def test_mount_equals_the_official_recipe_up_to_its_known_deviations(
     deviations = assert_matches_recipe(recipe, shown, gc, slug)
     if slug == "demo-medical":
         assert deviations == 5  # one JSON file, two DZI descriptors, one .mhd/.zraw pair
+    if slug == "demo-dicom":
+        assert sum(path.endswith(".dcm") for path in shown.files) == 6
+
+
+def test_images_download_writes_the_dcm_files_the_mount_shows(
+    gcapi_python: str, tls_services: DemoServices, tls_mount: Mount, tmp_path: Path
+) -> None:
+    gc = tls_services.gc
+    assert gc is not None
+    archive = tls_mount.path / "grand-challenge" / "demo-dicom"
+    sets = 0
+    for item in gc.data.items(gc.data.archive("demo-dicom")):
+        for civ in item.values:
+            if civ.image is None or civ.image.image_set is None:
+                continue
+            output = tmp_path / civ.image.pk
+            written = run_recipe(gcapi_python, gc, "", output, image=civ.image.pk)
+            shown = read_tree(archive / item.pk / civ.socket.relative_path)
+            assert sorted(shown.files) == sorted(written.files)
+            assert len(shown.files) == len(civ.image.image_set.instances())
+            for name, data in written.files.items():
+                assert shown.files[name] == data, name
+            sets += 1
+    assert sets == 2

@@ -47,6 +47,7 @@ def test_demo_mounts_shows_a_tour_and_unmounts_on_ctrl_c(demo) -> None:
     proc, mnt, tour = demo
     assert "grand-challenge/" in tour and "scenario/" in tour
     assert "demo-medical/" in tour and "assets/" in tour
+    assert "a DICOM image set" in tour and tour.count(".dcm  (") == 4  # the CT series
     assert sorted(os.listdir(mnt)) == ["grand-challenge", "scenario"]
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0

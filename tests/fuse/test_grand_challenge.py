@@ -22,7 +22,7 @@ from fsmount.demo.services import DemoServices
 
 pytestmark = pytest.mark.fuse
 
-SMALL_ARCHIVES = ("demo-medical", "demo-edge-cases", "demo-empty", "demo-private")
+SMALL_ARCHIVES = ("demo-medical", "demo-edge-cases", "demo-empty", "demo-private", "demo-dicom")
 HUGE = "demo-large"
 COHORT = "demo-cohort"
 API_KINDS = ("archives", "archive", "items", "item", "images", "image", "interfaces", "gcapi")
