@@ -52,6 +52,10 @@ def image_sets(gc) -> dict[str, list[str]]:
     return out
 
 
+GAVE_UP = r"(ConnectError|RemoteProtocolError|HTTP 503).*giving up"  # faults these tests make
+SIZE_FAILED = r"size of grand-challenge demo-dicom/"
+
+
 def dicom_mount(mounter: Mounter, *extra: str, cache: Path | None = None) -> Path:
     """A mount of demo-dicom alone (`mounter.mounts[-1]`); returns the archive's directory."""
     mount = mounter.start("--archive", SLUG, *extra, scenario=False, cache_dir=cache)
@@ -265,6 +269,7 @@ def test_a_half_fetched_instance_is_never_served(mounter: Mounter, services) -> 
     gc = services.gc
     rel, data = largest_dcm(gc)
     root = dicom_mount(mounter, "--timeout", str(TIMEOUT))
+    mounter.mounts[-1].expect_logs(GAVE_UP, SIZE_FAILED)
     os.listdir((root / rel).parent)
     with healthimaging(gc):  # no Range, no length: a cut body cannot be told from a short one
         gc.healthimaging.faults.configure(cut_rate=1.0)
@@ -285,6 +290,7 @@ def test_a_healthimaging_outage_fails_reads_in_time_and_they_recover(
     gc = services.gc
     expected = gc.expected_archive(SLUG)
     root = dicom_mount(mounter, "--timeout", str(TIMEOUT))
+    mounter.mounts[-1].expect_logs(GAVE_UP, SIZE_FAILED)
     cached, uncached = (
         f"{pk}/{SET_DIR}/{uid}.dcm" for pk, uids in image_sets(gc).items() for uid in uids[:1]
     )

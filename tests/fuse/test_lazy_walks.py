@@ -353,11 +353,12 @@ def test_memory_stays_flat_across_50_refreshes_of_a_1000_item_archive(mounter: M
         assert len(found.stdout.splitlines()) == 1 + 3 * items  # item, value, file
 
     inode = os.stat(next(root.iterdir()) / "cohort-score.json").st_ino
-    for _ in range(5):  # the allocator settles
+    for _ in range(15):  # the allocator settles (its arenas grow for a dozen rounds)
         refresh_and_walk()
     settled = resident_kib(mount)
-    for _ in range(45):
+    for _ in range(35):
         refresh_and_walk()
     grown = resident_kib(mount) - settled
-    assert grown < 8 * 1024, f"{grown} KiB more after 45 refreshes of {items} items"
+    # A tree kept per refresh would be about 35 x 1 MB here.
+    assert grown < 8 * 1024, f"{grown} KiB more after 35 more refreshes of {items} items"
     assert os.stat(next(root.iterdir()) / "cohort-score.json").st_ino == inode  # same file
