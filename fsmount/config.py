@@ -191,7 +191,7 @@ OPTIONS: tuple[Option, ...] = (
         "max-entries",
         "--max-entries",
         "FSMOUNT_MAX_ENTRIES",
-        250_000,
+        100_000,
         lambda text: _positive(int(text)),
         "files and directories the kernel is left holding at once; beyond, the ones used"
         " longest ago are dropped and looked up again if used (bounds memory on huge walks)",

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from fsmount.tree import Directory, Node
 
 ROOT = 1
-BUDGET = 250_000  # nodes: about 50 MB of node, listing and table, whatever the archive size
+BUDGET = 100_000  # nodes: about 20 MB of node, listing and table, whatever the archive size
 _VICTIMS = 512  # directories named at once when over budget
 _FREES = 4  # nodes a named directory is expected to free (itself and what is below)
 _PENDING = 2.0  # seconds a named directory counts as on its way out
