@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import pyfuse3
 import trio
 
-from fsmount import status
 from fsmount.cache.blocks import BlockStore
+from fsmount.cache.layout import CacheLayout
 from fsmount.cache.metadata import MetadataStore
 from fsmount.config import Config, grand_challenge_token_source, scenario_credentials_source
 from fsmount.content import Content
@@ -33,6 +33,10 @@ from fsmount.errors import StartupError
 from fsmount.fs import Operations
 from fsmount.mountinfo import read_mounts
 from fsmount.sources.grand_challenge import GrandChallenge
+from fsmount.status.control import Command, serve_control
+from fsmount.status.document import Collect
+from fsmount.status.paths import control_path, socket_path
+from fsmount.status.server import open_metrics_listeners, serve_metrics_on, serve_status
 from fsmount.transfer import (
     ApiClient,
     Credentials,
@@ -151,9 +155,9 @@ async def serve(
         signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1
     ) as signals:
         async with AsyncExitStack() as stack:
-            cache_dir = cfg.cache_path
-            cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            metadata = MetadataStore(cache_dir / "metadata.sqlite")
+            cache = CacheLayout(cfg.cache_path)
+            cache.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            metadata = MetadataStore(cache.metadata)
             stack.callback(metadata.close)
             policy = HttpPolicy.within(cfg.timeout)
             stats = TransferStats()
@@ -161,7 +165,7 @@ async def serve(
             stack.push_async_callback(storage.aclose)
             # Readahead stays below the block store's in-memory budget (32 MiB), so blocks
             # fetched ahead are served from memory rather than read back from disk.
-            blocks = BlockStore(cache_dir / "blocks", budget=cfg.cache_size, readahead=24 << 20)
+            blocks = BlockStore(cache.blocks, budget=cfg.cache_size, readahead=24 << 20)
             # Closed before storage: it finishes the downloads left running behind readers.
             stack.push_async_callback(blocks.aclose)
             ctx = TreeContext(metadata.first_seen_many, listing_ttl=cfg.dir_cache_time)
@@ -220,16 +224,16 @@ async def serve(
                 inode_budget=cfg.max_entries,
             )
             ctx.replaced = ops.replaced
-            commands: dict[str, status.Command] = {}
+            commands: dict[str, Command] = {}
             if exports is not None:
                 from fsmount.export import BatchExport
 
                 batch = BatchExport(root, exports, storage, content, blocks)
                 commands["batch-prefetch"] = batch.run
-            collect = status_collector(mountpoint, cache_dir, blocks, stats, apis, ops)
+            collect = status_collector(mountpoint, cache.directory, blocks, stats, apis, ops)
             metrics: list[trio.SocketListener] = []
             if cfg.metrics_port is not None:  # bound now: a port in use fails before mounting
-                metrics = await status.open_metrics_listeners(cfg.metrics_port)
+                metrics = await open_metrics_listeners(cfg.metrics_port)
                 for listener in metrics:
                     stack.push_async_callback(listener.aclose)
             await _run_fuse(
@@ -253,8 +257,8 @@ def status_collector(
     stats: TransferStats,
     apis: Sequence[ApiClient],
     ops: Operations,
-) -> status.Collect:
-    """The `fsmount status` document (schema in fsmount/status.py): a snapshot, no I/O."""
+) -> Collect:
+    """The `fsmount status` document (schema in fsmount/status/document.py): a snapshot."""
     started = time.time()
 
     def collect() -> dict[str, object]:
@@ -295,9 +299,9 @@ async def _run_fuse(
     signals: AsyncIterator[int],
     ctx: TreeContext,
     ready: Callable[[], None],
-    collect: status.Collect,
+    collect: Collect,
     metrics: Sequence[trio.SocketListener],
-    commands: Mapping[str, status.Command],
+    commands: Mapping[str, Command],
     hangup_unmounts: bool,
 ) -> None:
     try:
@@ -333,11 +337,11 @@ async def _run_fuse(
 
             nursery.start_soon(on_signals)
             # Before READY=1, so `fsmount status` answers as soon as the mount is announced.
-            status_socket = status.socket_path(mountpoint)
-            await nursery.start(status.serve_status, status_socket, collect)
-            await nursery.start(status.serve_control, status.control_path(status_socket), commands)
+            status_socket = socket_path(mountpoint)
+            await nursery.start(serve_status, status_socket, collect)
+            await nursery.start(serve_control, control_path(status_socket), commands)
             if metrics:
-                nursery.start_soon(status.serve_metrics_on, metrics, collect)
+                nursery.start_soon(serve_metrics_on, metrics, collect)
             nursery.start_soon(announce)
             nursery.start_soon(raise_kernel_readahead, mountpoint, ops.initialized)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
