@@ -8,7 +8,6 @@ directory a mirror job could mistake for deleted data); `fsmount unmount` or sys
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import errno
 import logging
@@ -19,7 +18,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio
@@ -27,12 +25,14 @@ import trio
 from fsmount.cache.blocks import BlockStore
 from fsmount.cache.layout import CacheLayout
 from fsmount.cache.metadata import MetadataStore
-from fsmount.config import Config, grand_challenge_token_source, scenario_credentials_source
+from fsmount.config import Config
 from fsmount.content import Content
 from fsmount.errors import StartupError
 from fsmount.fs import Operations
 from fsmount.mountinfo import read_mounts
-from fsmount.sources.grand_challenge import GrandChallenge
+from fsmount.sources import grand_challenge, scenario
+from fsmount.sources.base import SourceFactory
+from fsmount.sources.scenario import Scenario
 from fsmount.status.control import Command, serve_control
 from fsmount.status.document import Collect
 from fsmount.status.paths import control_path, socket_path
@@ -48,12 +48,10 @@ from fsmount.transfer import (
 )
 from fsmount.tree import Directory, TreeContext
 
-if TYPE_CHECKING:
-    from fsmount.sources.scenario import Scenario
-
 log = logging.getLogger(__name__)
 
 KERNEL_READAHEAD_KIB = 4096
+SOURCES: tuple[SourceFactory, ...] = (grand_challenge.from_config, scenario.from_config)
 
 
 def sd_notify(message: str) -> None:
@@ -170,41 +168,24 @@ async def serve(
             stack.push_async_callback(blocks.aclose)
             ctx = TreeContext(metadata.first_seen_many, listing_ttl=cfg.dir_cache_time)
 
+            apis: list[ApiClient] = []
+
+            def connect(url: str, headers: Callable[[], dict[str, str]], name: str) -> ApiClient:
+                api = ApiClient(url, Credentials(headers), policy, stats, name=name)
+                stack.push_async_callback(api.aclose)
+                apis.append(api)
+                return api
+
             services: list[Directory] = []
             exports: Scenario | None = None  # what `fsmount cache prefetch --batch` asks
-            apis: list[ApiClient] = []
-            token = grand_challenge_token_source(cfg)
-            if token is not None:
-                api = ApiClient(
-                    cfg.grand_challenge_url,
-                    Credentials(lambda: {"Authorization": f"Bearer {token()}"}),
-                    policy,
-                    stats,
-                    name="grand-challenge",
-                )
-                stack.push_async_callback(api.aclose)
-                apis.append(api)
-                gc = GrandChallenge(api, ctx, archives=list(cfg.archive))
-                await gc.check()
-                services.append(gc.directory())
-            scenario = scenario_credentials_source(cfg)
-            if scenario is not None:
-                from fsmount.sources.scenario import Scenario
-
-                def basic() -> dict[str, str]:
-                    key, secret = scenario()
-                    raw = base64.b64encode(f"{key}:{secret}".encode()).decode()
-                    return {"Authorization": f"Basic {raw}"}
-
-                api = ApiClient(
-                    cfg.scenario_url, Credentials(basic), policy, stats, name="scenario"
-                )
-                stack.push_async_callback(api.aclose)
-                apis.append(api)
-                sc = Scenario(api, ctx, project=cfg.scenario_project)
-                await sc.check()
-                services.append(sc.directory())
-                exports = sc
+            for from_config in SOURCES:
+                source = from_config(cfg, connect, ctx)
+                if source is None:
+                    continue
+                await source.check()
+                services.append(source.directory())
+                if isinstance(source, Scenario):
+                    exports = source
             if not services:
                 raise StartupError(
                     "nothing to mount: configure a Grand Challenge token or Scenario credentials"
