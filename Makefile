@@ -24,9 +24,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Reinstalled when pyproject.toml changes.
+# Reinstalled when pyproject.toml changes. The demo extra: the fake services (demo and tests).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[demo,test]'
 	touch $@
 
 # The official Grand Challenge client pins httpx 0.23, so it lives in a venv of its own.

@@ -1,10 +1,10 @@
 """`fsmount cache prefetch --batch`, run by the mount: Scenario native files brought through
 batch export jobs and kept in the block cache under the keys reads look up.
 
-It runs inside the mount process, asked over its control socket (status.py), for two reasons.
-Only the mount knows what a path is: which asset and version a file shows, its size, hence the
-block-store key a read of it uses (`content.block_key`). And the blocks must land in the
-mount's own BlockStore, under its budget, eviction and free-space floor, not beside it.
+It runs inside the mount process, asked over its control socket (status/control.py), for two
+reasons. Only the mount knows what a path is: which asset and version a file shows, its size,
+hence the block-store key a read of it uses (`content.block_key`). And the blocks must land in
+the mount's own BlockStore, under its budget, eviction and free-space floor, not beside it.
 
 One request, step by step:
 
@@ -49,7 +49,7 @@ from fsmount.sources.scenario import (
     Scenario,
     native_asset,
 )
-from fsmount.status import Send
+from fsmount.status.control import Send
 from fsmount.transfer import Storage
 from fsmount.tree import Directory, File, Node
 

@@ -8,7 +8,6 @@ directory a mirror job could mistake for deleted data); `fsmount unmount` or sys
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import errno
 import logging
@@ -19,20 +18,25 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio
 
-from fsmount import status
 from fsmount.cache.blocks import BlockStore
+from fsmount.cache.layout import CacheLayout
 from fsmount.cache.metadata import MetadataStore
-from fsmount.config import Config, grand_challenge_token_source, scenario_credentials_source
+from fsmount.config import Config
 from fsmount.content import Content
 from fsmount.errors import StartupError
 from fsmount.fs import Operations
 from fsmount.mountinfo import read_mounts
-from fsmount.sources.grand_challenge import GrandChallenge
+from fsmount.sources import grand_challenge, scenario
+from fsmount.sources.base import SourceFactory
+from fsmount.sources.scenario import Scenario
+from fsmount.status.control import Command, serve_control
+from fsmount.status.document import Collect
+from fsmount.status.paths import control_path, socket_path
+from fsmount.status.server import open_metrics_listeners, serve_metrics_on, serve_status
 from fsmount.transfer import (
     ApiClient,
     Credentials,
@@ -44,12 +48,10 @@ from fsmount.transfer import (
 )
 from fsmount.tree import Directory, TreeContext
 
-if TYPE_CHECKING:
-    from fsmount.sources.scenario import Scenario
-
 log = logging.getLogger(__name__)
 
 KERNEL_READAHEAD_KIB = 4096
+SOURCES: tuple[SourceFactory, ...] = (grand_challenge.from_config, scenario.from_config)
 
 
 def sd_notify(message: str) -> None:
@@ -151,9 +153,9 @@ async def serve(
         signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1
     ) as signals:
         async with AsyncExitStack() as stack:
-            cache_dir = cfg.cache_path
-            cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            metadata = MetadataStore(cache_dir / "metadata.sqlite")
+            cache = CacheLayout(cfg.cache_path)
+            cache.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            metadata = MetadataStore(cache.metadata)
             stack.callback(metadata.close)
             policy = HttpPolicy.within(cfg.timeout)
             stats = TransferStats()
@@ -161,46 +163,29 @@ async def serve(
             stack.push_async_callback(storage.aclose)
             # Readahead stays below the block store's in-memory budget (32 MiB), so blocks
             # fetched ahead are served from memory rather than read back from disk.
-            blocks = BlockStore(cache_dir / "blocks", budget=cfg.cache_size, readahead=24 << 20)
+            blocks = BlockStore(cache.blocks, budget=cfg.cache_size, readahead=24 << 20)
             # Closed before storage: it finishes the downloads left running behind readers.
             stack.push_async_callback(blocks.aclose)
             ctx = TreeContext(metadata.first_seen_many, listing_ttl=cfg.dir_cache_time)
 
+            apis: list[ApiClient] = []
+
+            def connect(url: str, headers: Callable[[], dict[str, str]], name: str) -> ApiClient:
+                api = ApiClient(url, Credentials(headers), policy, stats, name=name)
+                stack.push_async_callback(api.aclose)
+                apis.append(api)
+                return api
+
             services: list[Directory] = []
             exports: Scenario | None = None  # what `fsmount cache prefetch --batch` asks
-            apis: list[ApiClient] = []
-            token = grand_challenge_token_source(cfg)
-            if token is not None:
-                api = ApiClient(
-                    cfg.grand_challenge_url,
-                    Credentials(lambda: {"Authorization": f"Bearer {token()}"}),
-                    policy,
-                    stats,
-                    name="grand-challenge",
-                )
-                stack.push_async_callback(api.aclose)
-                apis.append(api)
-                gc = GrandChallenge(api, ctx, archives=list(cfg.archive))
-                await gc.check()
-                services.append(gc.directory())
-            scenario = scenario_credentials_source(cfg)
-            if scenario is not None:
-                from fsmount.sources.scenario import Scenario
-
-                def basic() -> dict[str, str]:
-                    key, secret = scenario()
-                    raw = base64.b64encode(f"{key}:{secret}".encode()).decode()
-                    return {"Authorization": f"Basic {raw}"}
-
-                api = ApiClient(
-                    cfg.scenario_url, Credentials(basic), policy, stats, name="scenario"
-                )
-                stack.push_async_callback(api.aclose)
-                apis.append(api)
-                sc = Scenario(api, ctx, project=cfg.scenario_project)
-                await sc.check()
-                services.append(sc.directory())
-                exports = sc
+            for from_config in SOURCES:
+                source = from_config(cfg, connect, ctx)
+                if source is None:
+                    continue
+                await source.check()
+                services.append(source.directory())
+                if isinstance(source, Scenario):
+                    exports = source
             if not services:
                 raise StartupError(
                     "nothing to mount: configure a Grand Challenge token or Scenario credentials"
@@ -220,16 +205,16 @@ async def serve(
                 inode_budget=cfg.max_entries,
             )
             ctx.replaced = ops.replaced
-            commands: dict[str, status.Command] = {}
+            commands: dict[str, Command] = {}
             if exports is not None:
                 from fsmount.export import BatchExport
 
                 batch = BatchExport(root, exports, storage, content, blocks)
                 commands["batch-prefetch"] = batch.run
-            collect = status_collector(mountpoint, cache_dir, blocks, stats, apis, ops)
+            collect = status_collector(mountpoint, cache.directory, blocks, stats, apis, ops)
             metrics: list[trio.SocketListener] = []
             if cfg.metrics_port is not None:  # bound now: a port in use fails before mounting
-                metrics = await status.open_metrics_listeners(cfg.metrics_port)
+                metrics = await open_metrics_listeners(cfg.metrics_port)
                 for listener in metrics:
                     stack.push_async_callback(listener.aclose)
             await _run_fuse(
@@ -253,8 +238,8 @@ def status_collector(
     stats: TransferStats,
     apis: Sequence[ApiClient],
     ops: Operations,
-) -> status.Collect:
-    """The `fsmount status` document (schema in fsmount/status.py): a snapshot, no I/O."""
+) -> Collect:
+    """The `fsmount status` document (schema in fsmount/status/document.py): a snapshot."""
     started = time.time()
 
     def collect() -> dict[str, object]:
@@ -295,9 +280,9 @@ async def _run_fuse(
     signals: AsyncIterator[int],
     ctx: TreeContext,
     ready: Callable[[], None],
-    collect: status.Collect,
+    collect: Collect,
     metrics: Sequence[trio.SocketListener],
-    commands: Mapping[str, status.Command],
+    commands: Mapping[str, Command],
     hangup_unmounts: bool,
 ) -> None:
     try:
@@ -333,11 +318,11 @@ async def _run_fuse(
 
             nursery.start_soon(on_signals)
             # Before READY=1, so `fsmount status` answers as soon as the mount is announced.
-            status_socket = status.socket_path(mountpoint)
-            await nursery.start(status.serve_status, status_socket, collect)
-            await nursery.start(status.serve_control, status.control_path(status_socket), commands)
+            status_socket = socket_path(mountpoint)
+            await nursery.start(serve_status, status_socket, collect)
+            await nursery.start(serve_control, control_path(status_socket), commands)
             if metrics:
-                nursery.start_soon(status.serve_metrics_on, metrics, collect)
+                nursery.start_soon(serve_metrics_on, metrics, collect)
             nursery.start_soon(announce)
             nursery.start_soon(raise_kernel_readahead, mountpoint, ops.initialized)
             await pyfuse3.main(min_tasks=4, max_tasks=64)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 MOUNTINFO = "/proc/self/mountinfo"
+FSTYPE = "fuse.fsmount"  # what fsmount mounts are, in the table (subtype=fsmount)
 _ESCAPE = re.compile(rb"\\([0-7]{3})")
 
 
@@ -66,3 +68,20 @@ def read_mounts(path: str = MOUNTINFO) -> list[MountEntry]:
             )
         )
     return entries
+
+
+def running_mounts(owner: int | None = None, mountinfo: str = MOUNTINFO) -> list[Path]:
+    """Mount points of fsmount mounts, optionally only `owner`'s."""
+    return [
+        Path(entry.mount_point)
+        for entry in read_mounts(mountinfo)
+        if entry.fstype == FSTYPE and (owner is None or entry.super_option("user_id") == str(owner))
+    ]
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point `path` is on: its nearest ancestor that is one. Only the path's own
+    ancestors are looked at, never other mounts (one of which may hang)."""
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path

@@ -76,7 +76,7 @@ def fsmount_mounts() -> list[str]:
     return [m.mount_point for m in read_mounts() if m.fstype == "fuse.fsmount"]
 
 
-# A record as fsmount's logging writes it (cli.setup_logging), with or without the time.
+# A record as fsmount's logging writes it (logs.setup_logging), with or without the time.
 _RECORD = re.compile(
     r"(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} )?(DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: "
 )

@@ -7,6 +7,7 @@ any other program would, while trio serves its requests.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -20,6 +21,7 @@ import trio
 
 from fsmount import config
 from fsmount.demo.services import start_demo_services
+from fsmount.logs import setup_logging
 
 
 def _write_secret(path: Path, text: str) -> str:
@@ -96,7 +98,6 @@ def _image_set(entry: Path) -> bool:
 
 
 def run_demo(mountpoint: Path) -> int:
-    from fsmount.cli import build_parser, setup_logging
     from fsmount.mount import serve
 
     setup_logging("warning")
@@ -108,8 +109,7 @@ def run_demo(mountpoint: Path) -> int:
     ):
         work = Path(tmp)
         (work / "config.toml").write_text("")
-        argv = ["mount", str(mountpoint), "--config", str(work / "config.toml")]
-        argv += ["--cache-dir", str(work / "cache")]
+        argv = ["--config", str(work / "config.toml"), "--cache-dir", str(work / "cache")]
         if services.gc is not None:
             token = _write_secret(work / "gc-token", services.gc.token)
             argv += ["--grand-challenge-url", services.gc.api_url]
@@ -121,7 +121,9 @@ def run_demo(mountpoint: Path) -> int:
             )
             argv += ["--scenario-url", services.scenario.api_url]
             argv += ["--scenario-credentials-file", creds]
-        cfg = config.load(build_parser().parse_args(argv), environ={})
+        options = argparse.ArgumentParser()  # the options of `fsmount mount`, as it parses them
+        config.add_arguments(options)
+        cfg = config.load(options.parse_args(argv), environ={})
 
         def ready() -> None:
             threading.Thread(target=_tour, args=(mountpoint,), daemon=True).start()

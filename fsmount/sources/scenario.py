@@ -11,6 +11,7 @@ Blob whose URL is the job's `downloadUrl`. `fsmount/export.py` drives them.
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from collections.abc import Callable
@@ -18,8 +19,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fsmount.blob import Blob, RemoteBlob, SignedUrl
-from fsmount.errors import FetchError, StartupError
-from fsmount.transfer import ApiClient, redact, url_expiry
+from fsmount.config import Config, scenario_credentials_source
+from fsmount.errors import FetchError
+from fsmount.sources.base import Connect, signed_url, source_xattrs, startup_get
+from fsmount.transfer import ApiClient
 from fsmount.tree import (
     Directory,
     File,
@@ -34,7 +37,6 @@ log = logging.getLogger(__name__)
 
 ROOT = "scenario"
 PAGE = 100  # the API's maximum page size
-STARTUP_DEADLINE = 10.0
 EXPORT_LIMIT = 1000  # assets per batch export job
 # Entries named `<asset-id>.<ext>`, with no folders: each is matched back to its asset by id.
 EXPORT_OPTIONS = {"fileNameTemplate": "<id>", "flat": True, "preferOriginal": False}
@@ -107,6 +109,20 @@ def is_visible(asset: dict[str, Any]) -> bool:
     )
 
 
+def from_config(cfg: Config, connect: Connect, ctx: TreeContext) -> Scenario | None:
+    """The Scenario project of the configuration, if it has credentials (HTTP Basic)."""
+    credentials = scenario_credentials_source(cfg)
+    if credentials is None:
+        return None
+
+    def basic() -> dict[str, str]:
+        key, secret = credentials()
+        raw = base64.b64encode(f"{key}:{secret}".encode()).decode()
+        return {"Authorization": f"Basic {raw}"}
+
+    return Scenario(connect(cfg.scenario_url, basic, "scenario"), ctx, project=cfg.scenario_project)
+
+
 class Scenario:
     """One Scenario project, shown as `scenario/{assets,collections,models}/...`."""
 
@@ -125,13 +141,10 @@ class Scenario:
 
     async def check(self) -> None:
         """Fail before mounting on wrong credentials or an unreachable API."""
-        try:
-            await self._api.get_json("assets", self._params(pageSize=1), deadline=STARTUP_DEADLINE)
-        except FetchError as exc:
-            raise StartupError(f"cannot use the Scenario API: {exc}") from None
+        await startup_get(self._api, "Scenario", "assets", self._params(pageSize=1))
 
     def directory(self) -> Directory:
-        xattrs = {"source": "scenario", "api": redact(self._api.base_url)}
+        xattrs = source_xattrs("scenario", self._api)
         if self._project:
             xattrs["project"] = self._project
 
@@ -324,7 +337,7 @@ class Scenario:
             link = given.pop() if given else (await self.export_status(job_id))[1]
             if link is None:
                 raise FetchError.eio(f"scenario export {job_id}: the job has no download link")
-            return SignedUrl(link, url_expiry(link))
+            return signed_url(link)
 
         return RemoteBlob(
             key=f"{ROOT}-export:{job_id}", resolve=resolve, description=f"scenario export {job_id}"
@@ -334,8 +347,7 @@ class Scenario:
         async def resolve() -> SignedUrl:
             body = {"targetFormat": target} if target else {}
             reply = await self._api.post_json(f"assets/{asset_id}/download", body, self._params())
-            url = reply["url"]
-            return SignedUrl(url, url_expiry(url))
+            return signed_url(reply["url"])
 
         return resolve
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 from conftest import CHANGED, GAVE_UP, STALE_LISTING, Mount, Mounter, fsmount_mounts, wait_for
 
-from fsmount import status
 from fsmount.demo.content import pattern
 from fsmount.mountinfo import read_mounts
+from fsmount.status.client import query
 
 pytestmark = pytest.mark.fuse
 
@@ -105,7 +105,7 @@ def within(seconds: float, what: str) -> Iterator[None]:
 
 def fuse_reads(mount: Mount) -> int:
     """READ requests the mount has answered (from its status socket, not through FUSE)."""
-    return status.query(mount.path)["fuse"]["reads"]
+    return query(mount.path)["fuse"]["reads"]
 
 
 def hangup(mount: Mount) -> None:

@@ -28,9 +28,11 @@ import pytest
 from conftest import SECRET_ENV, Mounter, wait_for, watch_log
 from prometheus_client.parser import text_string_to_metric_families
 
-from fsmount import status
 from fsmount.demo.services import DemoServices
 from fsmount.mount import KERNEL_READAHEAD_KIB
+from fsmount.mountinfo import running_mounts
+from fsmount.status.client import query
+from fsmount.status.paths import RUNTIME_DIR_ENV
 
 pytestmark = pytest.mark.fuse
 
@@ -198,7 +200,7 @@ class UnitRun:
     def prepare(self, notify: Path) -> None:
         """The environment systemd would give: settings, credentials, cache, notify socket."""
         env = {"PATH": SYSTEMD_PATH, "NOTIFY_SOCKET": str(notify), "INVOCATION_ID": "0" * 32}
-        env[status.RUNTIME_DIR_ENV] = str(self.root / "run")  # keep status sockets in here
+        env[RUNTIME_DIR_ENV] = str(self.root / "run")  # keep status sockets in here
         if self.variant.user:
             env["HOME"] = str(self.variant.home(self.root))
         for assignment in self.unit.values("Environment"):
@@ -404,8 +406,8 @@ def test_a_mount_point_with_spaces_gets_its_readahead_raised_and_is_listed(mount
     setting = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
     wanted = str(KERNEL_READAHEAD_KIB)
     wait_for(lambda: setting.read_text().strip() == wanted, 30, "the raised readahead")
-    assert mount.path in status.running_mounts(owner=os.getuid())
-    assert status.query(mount.path)["mountpoint"] == str(mount.path)
+    assert mount.path in running_mounts(owner=os.getuid())
+    assert query(mount.path)["mountpoint"] == str(mount.path)
 
 
 def test_an_unmount_from_outside_sends_stopping_and_exits_0(
@@ -453,7 +455,7 @@ def test_an_unmount_while_the_kernel_reads_ahead_is_no_error(
 def clean_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
     env["XDG_CONFIG_HOME"] = str(tmp_path / "no-config")
-    env[status.RUNTIME_DIR_ENV] = str(tmp_path / "run")
+    env[RUNTIME_DIR_ENV] = str(tmp_path / "run")
     return env
 
 
@@ -566,7 +568,7 @@ def test_status_and_metrics_count_what_a_read_cost(
 ) -> None:
     runtime = tmp_path / "run"
     port = free_port()
-    env = {status.RUNTIME_DIR_ENV: str(runtime)}
+    env = {RUNTIME_DIR_ENV: str(runtime)}
     gc = services.gc
     gc.log.reset()  # from here on, the fake counts exactly what this mount asks
     mount = mounter.start(

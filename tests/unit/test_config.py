@@ -15,6 +15,7 @@ import pytest
 
 from fsmount import cli, config, mount_helper
 from fsmount.errors import StartupError
+from fsmount.logs import setup_logging
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -441,7 +442,7 @@ def test_logging_levels_and_journald_format(
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
-        cli.setup_logging(level, verbosity)
+        setup_logging(level, verbosity)
         log = logging.getLogger("fsmount.test")
         for name in ("DEBUG", "INFO", "WARNING"):
             log.log(getattr(logging, name), "a %s line", name)

@@ -8,13 +8,7 @@ import trio
 from cachetools import LRUCache
 
 from fsmount.blob import SignedUrl
-from fsmount.sources import grand_challenge
-from fsmount.sources.grand_challenge import (
-    SIGNATURE_MARGIN,
-    SIGNED_FOR,
-    SIGNED_SETS_KEPT,
-    _Signer,
-)
+from fsmount.sources.gc_dicom import SIGNATURE_MARGIN, SIGNED_FOR, SIGNED_SETS_KEPT, Signer
 
 UIDS = [f"1.2.826.0.1.3680043.8.498.{n}" for n in range(5)]
 
@@ -33,7 +27,7 @@ class _Source:
         return {uid: SignedUrl(f"https://hi.test/{uid}", 0.0, "GET", headers) for uid in UIDS}
 
 
-async def _all(signer: _Signer) -> list[SignedUrl]:
+async def _all(signer: Signer) -> list[SignedUrl]:
     got: list[SignedUrl] = []
 
     async def one(uid: str) -> None:
@@ -45,15 +39,12 @@ async def _all(signer: _Signer) -> list[SignedUrl]:
     return got
 
 
-def test_signatures_are_asked_for_again_once_for_all_files_when_old_or_refused(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_signatures_are_asked_for_again_once_for_all_files_when_old_or_refused() -> None:
     clock = [1_000_000.0]
-    monkeypatch.setattr(grand_challenge.time, "time", lambda: clock[0])
     source = _Source()
 
     async def main() -> None:
-        signer = _Signer(source, "image-pk")  # type: ignore[arg-type]
+        signer = Signer(source, "image-pk", clock=lambda: clock[0])
         first = await _all(signer)
         assert source.asked == 1
         assert {s.expires_at for s in first} == {clock[0] + SIGNED_FOR - SIGNATURE_MARGIN}

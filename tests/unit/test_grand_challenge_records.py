@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-import types
 
 import pytest
 
-from fsmount.sources.grand_challenge import GrandChallenge, MediaUrls, _indented
-from fsmount.tree import TreeContext
+from fsmount.sources.gc_files import indented
+from fsmount.sources.gc_records import MediaUrls, Records
 
 API = "https://gc.test/api/v1/"
 
 
-def source() -> GrandChallenge:
-    api = types.SimpleNamespace(base_url=API)
-    return GrandChallenge(api, TreeContext(lambda keys: dict.fromkeys(keys, 1.0)))  # type: ignore[arg-type]
+def records() -> Records:
+    return Records(MediaUrls(API))
 
 
 def socket(slug: object, kind: str = "Value", path: object = "v.json") -> dict[str, object]:
@@ -33,7 +31,7 @@ def test_a_bad_value_is_left_out_and_said_and_the_item_kept(caplog) -> None:
         {"pk": 5, "interface": socket("file", kind="File"), "file": None},
         "not a value",
     ]
-    kept = source().item_record({"pk": "item", "values": [good, *bad]})
+    kept = records().item({"pk": "item", "values": [good, *bad]})
     assert kept is not None
     pk, item = kept
     assert pk == "item" and [v.pk for v in item.values] == [1]
@@ -43,7 +41,7 @@ def test_a_bad_value_is_left_out_and_said_and_the_item_kept(caplog) -> None:
 @pytest.mark.parametrize("item", [{"values": []}, {"pk": "x", "values": 3}, "not an item"])
 def test_a_bad_item_is_skipped_and_said(item, caplog) -> None:
     caplog.set_level(logging.WARNING)
-    assert source().item_record(item) is None  # type: ignore[arg-type]
+    assert records().item(item) is None  # type: ignore[arg-type]
     assert "skipping a malformed archive item" in caplog.text
 
 
@@ -52,11 +50,11 @@ def test_a_bad_item_is_skipped_and_said(item, caplog) -> None:
     [None, 0, -0.0, 1e16, 0.1, 2**70, 'é\u2028"', [], {}, {"b": [1.5, {"a": None}], "a": True}],
 )
 def test_a_value_kept_compact_renders_as_json_dumps_indent_2(value) -> None:
-    kept = source().item_record(
+    kept = records().item(
         {"pk": "i", "values": [{"pk": 1, "interface": socket("v"), "value": value}]}
     )
     assert kept is not None
-    assert _indented(kept[1].values[0].payload) == json.dumps(value, indent=2).encode()
+    assert indented(kept[1].values[0].payload) == json.dumps(value, indent=2).encode()
 
 
 def test_media_urls_are_kept_small_only_when_the_layout_gives_them_back() -> None:

@@ -14,12 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fsmount.blob import InlineBlob
-from fsmount.sources.grand_challenge import (
-    ArchiveDirectory,
-    GrandChallenge,
-    ItemDirectory,
-    _image_record,
-)
+from fsmount.sources.grand_challenge import ArchiveDirectory, GrandChallenge, ItemDirectory
 from fsmount.tree import (
     Directory,
     File,
@@ -241,7 +236,7 @@ def test_grand_challenge_values_at_any_path_stay_inside_their_item(values) -> No
                 "image": f"https://gc.test/api/v1/cases/images/{index}/",
             }
         )
-        archive._images[str(index)] = _image_record(
+        archive._images[str(index)] = source.records.image(
             {
                 "pk": image_pk,
                 "files": [
@@ -249,9 +244,8 @@ def test_grand_challenge_values_at_any_path_stay_inside_their_item(values) -> No
                     {"pk": f"{index}b", "file": f"https://gc.test/media/i/{quote(stored)}.mhd"},
                 ],
             },
-            source.urls,
         )[1]  # type: ignore[index]
-    kept = source.item_record({"pk": "item", "values": raw_values})
+    kept = source.records.item({"pk": "item", "values": raw_values})
     assert kept is not None
     item = ItemDirectory(kept[1], archive)
     archive._install([item])
