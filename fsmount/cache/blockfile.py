@@ -27,10 +27,10 @@ log = logging.getLogger(__name__)
 _MAGIC = b"FSMB"
 _FORMAT = 2  # 1 had a 44-byte header; it is part of the block names, so old files just age out
 _HEADER = struct.Struct("<4sIQQ16sI")  # magic, format, index, length, key digest, data crc
-_PAGE = 4096  # O_DIRECT alignment of buffer, offset and length (any logical block size <= 4 KiB)
-PAGE = _PAGE
-"""The unit O_DIRECT writes in; a fetch of part of a block starts on one (`Flights`)."""
-HEADER_SIZE = _PAGE
+PAGE = 4096
+"""O_DIRECT's alignment of buffer, offset and length (any logical block size up to 4 KiB); a
+fetch of the far part of a block starts on one too (`Flights`)."""
+HEADER_SIZE = PAGE
 """Bytes each block file holds beyond its data; they count against the budget."""
 
 
@@ -151,7 +151,7 @@ _direct_buffers: list[mmap.mmap] = []
 
 def _write_direct(tmp: Path, head: bytes, data: bytes) -> None:
     size = HEADER_SIZE + len(data)
-    padded = -(-size // _PAGE) * _PAGE
+    padded = -(-size // PAGE) * PAGE
     buffer = _direct_buffers.pop() if _direct_buffers else mmap.mmap(-1, padded)
     if len(buffer) < padded:
         buffer.close()

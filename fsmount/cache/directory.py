@@ -1,7 +1,8 @@
 """The cache directory shared by processes: its layout, instance locks, scans, the clean-up after
 dead processes, and what `fsmount cache` needs without a running store (NOTES.md §1, §5, §6).
 
-Everything here runs in worker threads, or in a command with no event loop, except `available`.
+Everything here runs in worker threads, or in a command with no event loop, except what is
+quick: `available`, and taking and releasing the lock as a store opens and closes.
 """
 
 from __future__ import annotations

@@ -195,7 +195,7 @@ class Flights:
         self.background = Running()  # downloads without a reader waiting for all of them
         self.nursery: trio.Nursery | None = None  # the store's background service's, if running
         self.downloads = 0  # fetches in flight
-        self.hits = 0  # block lookups answered by a flight loading from disk
+        self.hits = 0  # block lookups answered from disk (a load, or a wait on one)
         self.misses = 0  # block lookups that waited for a download
         self.fetches = 0
         self.bytes_fetched = 0

@@ -45,8 +45,8 @@ class FreeSpace:
     """Free bytes on the cache's filesystem: a reading reused for `interval` seconds, corrected
     by what this process stored and deleted since (another process's show at the next reading).
 
-    A statvfs on the event loop per block written was a measurable cost; `read` is statvfs in a
-    store, something a test controls in its tests.
+    A statvfs on the event loop per block written was a measurable cost. `read` is statvfs of
+    the cache directory, or in a test whatever the test needs the disk to say.
     """
 
     __slots__ = ("_delta", "_interval", "_read", "_read_at", "_reading")
