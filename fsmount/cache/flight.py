@@ -205,7 +205,8 @@ class Flights:
 
     async def get(self, ref: Ref, fetch: Fetch, lo: int, hi: int) -> bytes | memoryview:
         """Bytes `[lo, hi)` of one verified block: from memory, from disk, or downloaded (one
-        flight per block). The caller has looked in memory just before, for the usual case.
+        flight per block). The caller has looked in memory just before (the usual case), with
+        no checkpoint since.
 
         A reader that waited for a flight that failed tries once more itself (the failure may
         have been another reader's cancellation or a transient error); a second failure is
@@ -214,13 +215,7 @@ class Flights:
         `_BEHIND` of them): a random 4 KiB read then waits for 4 KiB, not for 1 MiB.
         """
         failures_seen = 0
-        while True:
-            data = self._keeper.cached(ref.name)
-            if data is not None:
-                return slice_of(data, lo, hi)
-            flight = self._flights.get(ref.name)
-            if flight is None:
-                break
+        while (flight := self._flights.get(ref.name)) is not None:
             got = await flight.wait(lo, hi)
             if got is not None:
                 if flight.downloaded:
@@ -232,6 +227,9 @@ class Flights:
                 failures_seen += 1
                 if failures_seen > 1:
                     raise flight.error
+            data = self._keeper.cached(ref.name)  # kept by the flight that ended, maybe
+            if data is not None:
+                return slice_of(data, lo, hi)
         flight = self._flights[ref.name] = Flight(downloaded=False)
         behind = False
         try:
