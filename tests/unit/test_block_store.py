@@ -23,7 +23,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fsmount.cache import blocks
-from fsmount.cache.blocks import HEADER_SIZE, BlockStore, CacheInUseError, cache_usage, clear_cache
+from fsmount.cache.blockfile import Ref, header
+from fsmount.cache.blocks import (
+    HEADER_SIZE,
+    BlockFiles,
+    BlockStore,
+    CacheInUseError,
+    FreeSpace,
+    cache_usage,
+    clear_cache,
+)
+from fsmount.cache.flight import Cutter, Flight
+from fsmount.cache.readahead import READAHEAD_CHUNK
 from fsmount.demo.content import pattern
 from fsmount.errors import FetchError
 
@@ -189,15 +200,15 @@ def test_pieces_are_cut_into_blocks_exactly(lengths: list[int], cuts: list[int])
     points = sorted({c for c in cuts if c < len(data)})
     pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
     starts = list(itertools.accumulate([0, *lengths]))
-    run_ = [blocks._Ref(f"b{i}", b"", i, starts[i], starts[i + 1]) for i in range(len(lengths))]
-    flights = [blocks._Flight(downloaded=True) for _ in lengths]
+    run_ = [Ref(f"b{i}", b"", i, starts[i], starts[i + 1]) for i in range(len(lengths))]
+    flights = [Flight(downloaded=True) for _ in lengths]
     got: dict[int, bytes] = {}
 
     async def complete(position: int, block: bytes) -> None:
         got[position] = block
 
     async def main() -> None:
-        cutter = blocks._Cutter(run_, flights, complete)
+        cutter = Cutter(run_, flights, complete)
         for piece in pieces:
             await cutter(piece)
             done = len(got)  # every block but the last is handed on as soon as it is in
@@ -341,7 +352,7 @@ def test_sequential_read_fetches_ahead_in_parallel_but_never_past_the_end(tmp_pa
     assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))  # no byte twice
     assert len(origin.calls) < 41  # several blocks per request
     assert 2 <= origin.max_active <= 4 + 1  # parallel, bounded (+1: the reader's own request)
-    assert max(end - start for start, end in origin.calls) <= blocks._READAHEAD_CHUNK
+    assert max(end - start for start, end in origin.calls) <= READAHEAD_CHUNK
 
 
 def test_readahead_stays_bounded_in_a_huge_object(tmp_path: Path) -> None:
@@ -361,7 +372,7 @@ def test_readahead_stays_bounded_in_a_huge_object(tmp_path: Path) -> None:
 
     run(main)
     # max_parallel requests of at most one readahead chunk, and the reader's own block
-    assert origin.max_active_bytes <= 4 * blocks._READAHEAD_CHUNK + MiB
+    assert origin.max_active_bytes <= 4 * READAHEAD_CHUNK + MiB
 
 
 def test_closing_a_file_drops_its_queued_readahead(tmp_path: Path) -> None:
@@ -384,14 +395,11 @@ def test_closing_a_file_drops_its_queued_readahead(tmp_path: Path) -> None:
     assert origin.calls == [(0, MiB), (MiB, 9 * MiB)]
 
 
-def test_sequential_readers_together_never_evict_what_they_fetched_ahead(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sequential_readers_together_never_evict_what_they_fetched_ahead(tmp_path: Path) -> None:
     """Eight readers in step, each with a window of a quarter of the budget: together they
     may only hold that quarter ahead, each its share, or their read-ahead blocks push each
     other out before they are read."""
     block = 64 * KiB
-    monkeypatch.setattr(blocks, "_READAHEAD_CHUNK", 2 * block)
     origins = [Origin(48 * block, seed=seed) for seed in range(8)]
     budget = budget_of(64, block)
 
@@ -402,6 +410,7 @@ def test_sequential_readers_together_never_evict_what_they_fetched_ahead(
             block_size=block,
             min_free=0,
             readahead=budget // 4,
+            readahead_chunk=2 * block,
             memory=0,
             max_parallel=4,
         ) as store:
@@ -517,21 +526,22 @@ def test_budget_is_never_exceeded_while_reading_more_than_it(tmp_path: Path) -> 
 
     async def main() -> None:
         nonlocal worst
+        io = trio.CapacityLimiter(4)
         async with BlockStore(
-            tmp_path, budget=budget, block_size=block, min_free=0, readahead=budget
+            tmp_path, budget=budget, block_size=block, min_free=0, readahead=budget, io=io
         ) as store:
 
             async def watch() -> None:
                 """Look at the disk while no worker thread of the store writes or deletes: a
                 listing taken meanwhile could see a victim's file and its replacement both."""
                 nonlocal worst
-                borrowers = [object() for _ in range(blocks._IO_THREADS)]
+                borrowers = [object() for _ in range(int(io.total_tokens))]
                 while True:
                     for borrower in borrowers:
-                        await store._io.acquire_on_behalf_of(borrower)
+                        await io.acquire_on_behalf_of(borrower)
                     worst = max(worst, sum(block_files(tmp_path).values()))
                     for borrower in borrowers:
-                        store._io.release_on_behalf_of(borrower)
+                        io.release_on_behalf_of(borrower)
                     assert store.stats().bytes_held <= budget
                     await trio.sleep(0)
 
@@ -578,29 +588,36 @@ def test_least_recently_used_blocks_are_evicted_first(tmp_path: Path) -> None:
     run(main)
 
 
-def test_blocks_being_read_from_disk_are_not_evicted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_blocks_being_read_from_disk_are_not_evicted(tmp_path: Path) -> None:
     block = 64 * KiB
     origin = Origin(10 * block)
     release = threading.Event()
     reading = threading.Event()
-    real_read = blocks._read_block_file
 
-    def slow_read(path: str, ref: blocks._Ref) -> tuple[bytes, int, float] | None:
-        if ref.index == 0:
-            reading.set()
-            release.wait(10)
-        return real_read(path, ref)
+    class SlowRead(BlockFiles):
+        armed = False
+
+        def read(self, path: str, ref: Ref) -> tuple[bytes, int, float] | None:
+            if self.armed and ref.index == 0:
+                reading.set()
+                release.wait(10)
+            return super().read(path, ref)
+
+    files = SlowRead()
 
     async def main() -> None:
         async with BlockStore(
-            tmp_path, budget=budget_of(2, block), block_size=block, min_free=0, memory=0
+            tmp_path,
+            budget=budget_of(2, block),
+            block_size=block,
+            min_free=0,
+            memory=0,
+            files=files,
         ) as store:
             await store.read("k", origin.size, 0, 10, origin.fetch)
             await store.read("k", origin.size, block, 10, origin.fetch)
             await store.drain()
-            monkeypatch.setattr(blocks, "_read_block_file", slow_read)
+            files.armed = True
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(store.read, "k", origin.size, 0, 10, origin.fetch)
                 await trio.to_thread.run_sync(reading.wait)
@@ -646,21 +663,20 @@ def test_block_larger_than_the_budget_is_served_without_being_kept(tmp_path: Pat
     assert os.listdir(tmp_path / "tmp") == []
 
 
-def test_free_space_floor_limits_what_is_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_free_space_floor_limits_what_is_kept(tmp_path: Path) -> None:
     block = 64 * KiB
     origin = Origin(12 * block)
     # A nearly full disk: 5 blocks free before the cache writes, and 2 blocks must stay free.
-    monkeypatch.setattr(
-        blocks,
-        "_available",
-        lambda directory: budget_of(5, block) - sum(block_files(directory).values()),
-    )
+    free_space = FreeSpace(lambda: budget_of(5, block) - sum(block_files(tmp_path).values()))
 
     async def main() -> None:
         async with BlockStore(
-            tmp_path, budget=GiB, block_size=block, min_free=budget_of(2, block), readahead=0
+            tmp_path,
+            budget=GiB,
+            block_size=block,
+            min_free=budget_of(2, block),
+            readahead=0,
+            free_space=free_space,
         ) as store:
             for index in range(12):
                 await store.read("k", origin.size, index * block, 100, origin.fetch)
@@ -829,22 +845,23 @@ def test_damaged_or_misplaced_block_files_are_never_served(tmp_path: Path) -> No
 def _die_mid_write(directory: str, size: int, complete: int) -> None:
     """Child of the kill -9 test: store `complete` blocks, then die by SIGKILL half-way
     through writing the next one, as a crash or the OOM killer would."""
-    real_write = blocks._write_block_file
 
-    def write_then_die(
-        tmp: Path, final: str, ref: blocks._Ref, data: bytes, victims: list[str], direct: bool
-    ) -> bool:
-        if final.endswith(f"-{complete}"):
-            with open(tmp, "wb") as f:
-                f.write(blocks._header(ref, data) + data[: len(data) // 2])
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real_write(tmp, final, ref, data, victims, direct)
+    class WriteThenDie(BlockFiles):
+        def write(
+            self, tmp: Path, final: str, ref: Ref, data: bytes, victims: list[str], direct: bool
+        ) -> bool:
+            if final.endswith(f"-{complete}"):
+                with open(tmp, "wb") as f:
+                    f.write(header(ref, data) + data[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().write(tmp, final, ref, data, victims, direct)
 
-    blocks._write_block_file = write_then_die
     origin = Origin(size)
 
     async def main() -> None:
-        store = BlockStore(Path(directory), budget=GiB, min_free=0, readahead=0)
+        store = BlockStore(
+            Path(directory), budget=GiB, min_free=0, readahead=0, files=WriteThenDie()
+        )
         for index in range(complete + 1):
             await store.read("k", size, index * MiB, 10, origin.fetch)
             await store.drain()  # one block written at a time: the last one is cut
@@ -871,7 +888,7 @@ def test_kill_9_mid_write_leaves_nothing_that_is_served(tmp_path: Path) -> None:
             await read_all(store, "k", origin)
             await wait_for_scan(store)
             assert os.listdir(tmp_path / "tmp") == []
-            assert os.listdir(tmp_path / "locks") == [f"{store._instance}.lock"]
+            assert os.listdir(tmp_path / "locks") == [f"{store.instance}.lock"]
 
     run(main)
     assert origin.calls == [(3 * MiB, 4 * MiB)]
@@ -880,7 +897,7 @@ def test_kill_9_mid_write_leaves_nothing_that_is_served(tmp_path: Path) -> None:
 def test_temporary_files_of_living_processes_are_left_alone(tmp_path: Path) -> None:
     async def main() -> None:
         async with BlockStore(tmp_path, budget=GiB, min_free=0) as first:
-            in_progress = tmp_path / "tmp" / f"{first._instance}.99"
+            in_progress = tmp_path / "tmp" / f"{first.instance}.99"
             in_progress.write_bytes(b"being written")
             dead = tmp_path / "tmp" / "999999999-deadbeef.0"
             dead.write_bytes(b"left by a crash")
@@ -915,7 +932,7 @@ def test_block_evicted_behind_the_stores_back_is_fetched_again(tmp_path: Path) -
 
 
 def test_a_block_evicted_while_a_scan_runs_is_not_counted_again_by_that_scan(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """The scan listed the block before it was evicted and deleted: it must not bring it back
     into the accounting as a phantom (here the eviction keeps free space, not the budget, so
@@ -923,26 +940,35 @@ def test_a_block_evicted_while_a_scan_runs_is_not_counted_again_by_that_scan(
     block = 64 * KiB
     min_free = 4 * MiB
     free = [GiB]
-    monkeypatch.setattr(blocks, "_available", lambda directory: free[0])
-    monkeypatch.setattr(blocks, "_FREE_SPACE_INTERVAL", 0.0)
     listed, release = threading.Event(), threading.Event()
-    real_scan = blocks._scan_blocks
 
-    def paused_scan(directory: Path) -> list[tuple[float, str, int]]:
-        found = real_scan(directory)
-        listed.set()
-        release.wait(10)
-        return found
+    class PausedScan(BlockFiles):
+        armed = False
 
+        def scan(self, directory: Path) -> list[tuple[float, str, int]]:
+            found = super().scan(directory)
+            if self.armed:
+                listed.set()
+                release.wait(10)
+            return found
+
+    files = PausedScan()
     first, second = Origin(4 * block, seed=1), Origin(block, seed=2)
 
     async def main() -> None:
         async with BlockStore(
-            tmp_path, budget=GiB, block_size=block, min_free=min_free, readahead=0, memory=0
+            tmp_path,
+            budget=GiB,
+            block_size=block,
+            min_free=min_free,
+            readahead=0,
+            memory=0,
+            free_space=FreeSpace(lambda: free[0], interval=0.0),
+            files=files,
         ) as store:
             await read_all(store, "first", first, chunk=block)
             await wait_for_scan(store)
-            monkeypatch.setattr(blocks, "_scan_blocks", paused_scan)
+            files.armed = True
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(store.rescan)
@@ -962,24 +988,23 @@ def test_a_block_evicted_while_a_scan_runs_is_not_counted_again_by_that_scan(
     run(main)
 
 
-def test_the_store_stays_in_use_until_its_last_write_ends(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_store_stays_in_use_until_its_last_write_ends(tmp_path: Path) -> None:
     """The instance lock is what tells other processes that its temporary files are being
     written: it is released only once no write can run, whoever started the write."""
     entered, release = threading.Event(), threading.Event()
-    real_write = blocks._write_block_file
 
-    def slow_write(*args: object) -> bool:
-        entered.set()
-        release.wait(10)
-        return real_write(*args)  # type: ignore[arg-type]
+    class SlowWrite(BlockFiles):
+        def write(
+            self, tmp: Path, final: str, ref: Ref, data: bytes, victims: list[str], direct: bool
+        ) -> bool:
+            entered.set()
+            release.wait(10)
+            return super().write(tmp, final, ref, data, victims, direct)
 
-    monkeypatch.setattr(blocks, "_write_block_file", slow_write)
     origin = Origin(MiB)
 
     async def main() -> None:
-        store = BlockStore(tmp_path, budget=GiB, min_free=0, readahead=0)
+        store = BlockStore(tmp_path, budget=GiB, min_free=0, readahead=0, files=SlowWrite())
         closed = trio.Event()
 
         async def close() -> None:
@@ -1024,26 +1049,23 @@ def test_the_benchmark_in_the_notes_runs_against_the_store_as_it_is(tmp_path: Pa
 # -- start-up, sharing, housekeeping --------------------------------------------------------
 
 
-def test_first_reads_do_not_wait_for_the_start_up_scan(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_first_reads_do_not_wait_for_the_start_up_scan(tmp_path: Path) -> None:
     block = 64 * KiB
     origin = Origin(30 * block)
     release = threading.Event()
-    real_scan = blocks._scan_blocks
 
-    def slow_scan(directory: Path) -> list[tuple[float, str, int]]:
-        release.wait(10)
-        return real_scan(directory)
+    class SlowScan(BlockFiles):
+        def scan(self, directory: Path) -> list[tuple[float, str, int]]:
+            release.wait(10)
+            return super().scan(directory)
 
     async def main() -> None:
         async with BlockStore(tmp_path, budget=GiB, block_size=block, min_free=0) as store:
             await read_all(store, "k", origin, chunk=block)
-        monkeypatch.setattr(blocks, "_scan_blocks", slow_scan)
         origin.calls.clear()
         # Reopen with a smaller budget: the scan must find the excess and trim it.
         async with BlockStore(
-            tmp_path, budget=budget_of(10, block), block_size=block, min_free=0
+            tmp_path, budget=budget_of(10, block), block_size=block, min_free=0, files=SlowScan()
         ) as store:
             await store.read("k", origin.size, 0, 100, origin.fetch)
             assert not store.stats().index_complete
