@@ -239,7 +239,7 @@ class Directory(Node):
     def forgotten(self) -> None:
         """The kernel no longer knows this directory: what it can rebuild, it may drop."""
 
-    def _install(self, nodes: list[Node], ctx: TreeContext | None = None) -> Listing:
+    def install(self, nodes: list[Node], ctx: TreeContext | None = None) -> Listing:
         """Adopt `nodes` as the listing now (one built without I/O)."""
         self._listing = self._adopt(nodes, ctx)
         self._predecessor = None
@@ -273,9 +273,6 @@ class ListedDirectory(Directory):
         self._loader = loader
         self._fresh_until = 0.0
         self._generation = ctx.generation
-
-    def invalidate(self) -> None:
-        self._fresh_until = 0.0
 
     def fresh(self) -> Listing | None:
         if self._generation != self._ctx.generation or time.monotonic() >= self._fresh_until:

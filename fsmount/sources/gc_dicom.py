@@ -135,7 +135,7 @@ class ImageSetDirectory(Directory):
         if self._listing is None:
             uids = list(await self.signer.instances())
             if self._listing is None:  # another lookup may have listed it meanwhile
-                self._install([DicomFile(safe_name(f"{uid}.dcm", "_"), self, uid) for uid in uids])
+                self.install([DicomFile(safe_name(f"{uid}.dcm", "_"), self, uid) for uid in uids])
         assert self._listing is not None
         return self._listing
 

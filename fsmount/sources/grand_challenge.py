@@ -323,8 +323,8 @@ class ItemDirectory(Directory):
         self.record = record
         self.archive = archive
 
-    def _install(self, nodes: list[Node], ctx: TreeContext | None = None) -> Listing:
-        return super()._install(nodes, self.archive._ctx)  # announces what it replaces
+    def install(self, nodes: list[Node], ctx: TreeContext | None = None) -> Listing:
+        return super().install(nodes, self.archive._ctx)  # announces what it replaces
 
     def xattrs(self) -> Mapping[str, str]:
         return {"archive": self.archive.name, "item": self.record.pk}
@@ -346,7 +346,7 @@ class ItemDirectory(Directory):
     def without_io(self) -> Listing | None:
         """Built from the record when every image it names is known already."""
         if self._listing is None and all(map(self._known, self.record.values)):
-            self._install(self._layout())
+            self.install(self._layout())
         return self._listing
 
     async def children(self) -> Listing:
@@ -358,7 +358,7 @@ class ItemDirectory(Directory):
             for value in self.record.values:
                 if not self._known(value):
                     nursery.start_soon(self.archive.image, str(value.payload), listed)
-        return self._install(self._layout())  # an image that could not be had is left out
+        return self.install(self._layout())  # an image that could not be had is left out
 
     def _known(self, value: Value) -> bool:
         return not _is_image(value) or self.archive.known_image(str(value.payload)) is not None

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import posixpath
 from collections.abc import Iterator
-from unittest import mock
 from urllib.parse import quote
 
 import trio
@@ -14,11 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fsmount.blob import InlineBlob
-from fsmount.sources.grand_challenge import ArchiveDirectory, GrandChallenge, ItemDirectory
+from fsmount.sources.grand_challenge import ArchiveDirectory, GrandChallenge
 from fsmount.tree import (
     Directory,
     File,
-    Listing,
     Node,
     PathBuilder,
     TreeContext,
@@ -93,7 +91,7 @@ def test_builder_places_nested_files_and_first_claim_wins(caplog) -> None:
     assert builder.add_files_in("images/ct", [("1.mha", file_at())], "image")
     assert not builder.add_files_in("images/ct", [("2.mha", file_at())], "image again")
     assert builder.add_files_in("", [("3.mha", file_at())], "generic image")
-    tree = walk(base._install(builder.nodes()).nodes)
+    tree = walk(base.install(builder.nodes()).nodes)
     assert set(tree) == {
         "gc/a/item/files",
         "gc/a/item/files/report.pdf",
@@ -126,18 +124,25 @@ def is_one_safe_component(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def raw_listings() -> Iterator[list[tuple[str, list[str]]]]:
-    """Record the child lists every directory is built from, before `_adopt` drops clashes
-    (checking a listing's names would hide duplicates)."""
-    seen: list[tuple[str, list[str]]] = []
-    adopt = Directory._adopt
+def dropped_names() -> Iterator[list[str]]:
+    """What the tree says it left out because a directory already had an entry of that name
+    (it keeps the first and logs the rest): a builder that produced two must be caught."""
+    dropped: list[str] = []
 
-    def recording(self: Directory, nodes: list[Node], ctx: TreeContext | None) -> Listing:
-        seen.append((self, [node.name for node in nodes]))
-        return adopt(self, nodes, ctx)
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "two entries named" in record.getMessage():
+                dropped.append(record.getMessage())
 
-    with mock.patch.object(Directory, "_adopt", recording):
-        yield seen
+    tree_log = logging.getLogger("fsmount.tree")
+    handler, level = Catch(), tree_log.level
+    tree_log.addHandler(handler)
+    tree_log.setLevel(logging.WARNING)
+    try:
+        yield dropped
+    finally:
+        tree_log.removeHandler(handler)
+        tree_log.setLevel(level)
 
 
 def assert_inside(parent: str, nodes: list[Node]) -> None:
@@ -161,7 +166,7 @@ def assert_inside(parent: str, nodes: list[Node]) -> None:
 def test_no_path_ever_leaves_its_directory_and_names_are_unique(values) -> None:
     """Values at arbitrary `relative_path`s (files, or image directories holding files)."""
     base = directory_at("root/item")
-    with raw_listings() as listings:
+    with dropped_names() as dropped:
         builder = PathBuilder(base)
         placed: list[str] = []
         for index, (is_image, path, names) in enumerate(values):
@@ -172,11 +177,10 @@ def test_no_path_ever_leaves_its_directory_and_names_are_unique(values) -> None:
                     placed += [f"{path}/{name}" if path else name for name, _ in files]
             elif builder.add_file(path, file_at(), f"value {index}"):
                 placed.append(path)
-        nodes = list(base._install(builder.nodes()).nodes)
+        nodes = list(base.install(builder.nodes()).nodes)
         assert_inside("root/item", nodes)
         tree = walk(nodes)
-    for path, names in listings:
-        assert len(names) == len(set(names)), (path, names)
+    assert dropped == []
     # What was accepted is where it was asked to be; nothing else is there.
     files = {p for p, node in tree.items() if isinstance(node, File)}
     assert files == {f"root/item/{p}" for p in placed}
@@ -202,10 +206,10 @@ def test_directory_names_from_services_are_safe_and_distinct(entries) -> None:
     idents = [ident for _, ident in entries]
     if len(set(idents)) == len(idents):  # the services' ids are unique
         assert len(set(names)) == len(names), names
-        with raw_listings() as listings:
+        with dropped_names() as dropped:
             parent = directory_at("scenario/collections")
-            parent._install([File(name) for name in names])
-        assert all(len(set(listed)) == len(listed) for _, listed in listings)
+            parent.install([File(name) for name in names])
+        assert dropped == []
         assert {n.path for n in parent.cached().nodes} == {  # type: ignore[union-attr]
             f"scenario/collections/{name}" for name in names
         }
@@ -221,11 +225,7 @@ def test_directory_names_from_services_are_safe_and_distinct(entries) -> None:
 def test_grand_challenge_values_at_any_path_stay_inside_their_item(values) -> None:
     """What the API sends (relative paths, image pks, stored file names) through the source's
     own placement: nothing outside the item, no two entries with one name."""
-    context = ctx()
-    source = GrandChallenge(api=None, ctx=context)  # type: ignore[arg-type]
-    archive = ArchiveDirectory("a", source, "archive-pk", {})
-    directory_at("grand-challenge", context)._install([archive])
-    raw_values = []
+    raw_values, images = [], {}
     for index, (kind, path, image_pk, stored) in enumerate(values):
         raw_values.append(
             {
@@ -236,23 +236,42 @@ def test_grand_challenge_values_at_any_path_stay_inside_their_item(values) -> No
                 "image": f"https://gc.test/api/v1/cases/images/{index}/",
             }
         )
-        archive._images[str(index)] = source.records.image(
-            {
-                "pk": image_pk,
-                "files": [
-                    {"pk": f"{index}a", "file": f"https://gc.test/media/i/{quote(stored)}.mha"},
-                    {"pk": f"{index}b", "file": f"https://gc.test/media/i/{quote(stored)}.mhd"},
-                ],
-            },
-        )[1]  # type: ignore[index]
-    kept = source.records.item({"pk": "item", "values": raw_values})
-    assert kept is not None
-    item = ItemDirectory(kept[1], archive)
-    archive._install([item])
-    with raw_listings() as listings:
-        listing = item.without_io()  # as the item loader does, with its images known
-        assert listing is not None
-        nodes = list(listing.nodes)
+        images[f"cases/images/{index}/"] = {
+            "pk": image_pk,
+            "files": [
+                {"pk": f"{index}a", "file": f"https://gc.test/media/i/{quote(stored)}.mha"},
+                {"pk": f"{index}b", "file": f"https://gc.test/media/i/{quote(stored)}.mhd"},
+            ],
+        }
+    api = Api({"archives/items/": page([{"pk": "item", "values": raw_values}])} | images)
+    context = ctx()
+    source = GrandChallenge(api, context)  # type: ignore[arg-type]
+    archive = ArchiveDirectory("a", source, "archive-pk", {})
+    Directory("", context, children=[Directory("grand-challenge", children=[archive])])
+
+    async def list_the_item() -> list[Node]:
+        item = (await archive.children()).get("item")
+        assert isinstance(item, Directory)
+        return list((await item.children()).nodes)
+
+    with dropped_names() as dropped:
+        nodes = trio.run(list_the_item)  # the archive's listing, then the item's, as a walk does
         assert_inside("grand-challenge/a/item", nodes)
-    for path, names in listings:
-        assert len(names) == len(set(names)), (path, names)
+    assert dropped == []
+
+
+def page(results: list[dict[str, object]]) -> dict[str, object]:
+    return {"count": len(results), "next": None, "previous": None, "results": results}
+
+
+class Api:
+    """The API as the source sees it: pages and details by path (the images listing is empty,
+    so each image is asked for alone, as one added after the listing would be)."""
+
+    base_url = "https://gc.test/api/v1/"
+
+    def __init__(self, answers: dict[str, dict[str, object]]) -> None:
+        self._answers = answers
+
+    async def get_json(self, path: str, params: object = None, **_: object) -> object:
+        return self._answers.get(path, page([]))
