@@ -295,6 +295,14 @@ class ArchiveDirectory(ListedDirectory):
         finally:
             loading.set()
 
+    async def prefetch_images(self) -> None:
+        """`_load_images` as a task of its own, which must not raise: an item that needs an
+        image after a failure asks again (and reports it)."""
+        try:
+            await self._load_images()
+        except Exception as exc:
+            log.info("%s: the images listing failed (asked again when needed): %s", self.path, exc)
+
     def forget_images(self) -> None:
         """A new listing of the archive: image details are asked again with it when needed."""
         if self._images_loading is None or self._images_loading.is_set():
@@ -303,11 +311,14 @@ class ArchiveDirectory(ListedDirectory):
 
 
 async def _list_archive(directory: ListedDirectory) -> Sequence[Node]:
+    """The items; the images listing is asked for at the same time, in the background: a walk
+    needs it as soon as it enters the first item, and its pages then overlap the items'."""
     assert isinstance(directory, ArchiveDirectory)
+    directory.forget_images()
+    trio.lowlevel.spawn_system_task(directory.prefetch_images)
     records = await directory.source.listing(
         "archives/items/", {"archive": directory._pk}, directory.source.records.item
     )
-    directory.forget_images()
     return [ItemDirectory(record, directory) for record in records.values()]
 
 
