@@ -43,12 +43,14 @@ class Credentials:
     def headers(self) -> dict[str, str]:
         return dict(self._headers)
 
-    def reload(self) -> bool:
-        """Re-read the secret; True when it changed (so one more try makes sense)."""
-        fresh = self._load()
-        changed = fresh != self._headers
-        self._headers = fresh
-        return changed
+    def reload(self, rejected: dict[str, str]) -> bool:
+        """After `rejected` got a 401: True when there are other headers to try. Requests
+        in flight together all come back rejected; the first re-reads the secret, the
+        others find it re-read already and just try again with it."""
+        if self._headers != rejected:
+            return True
+        self._headers = self._load()
+        return self._headers != rejected
 
 
 class ApiClient:
@@ -103,12 +105,9 @@ class ApiClient:
             try:
                 with trio.fail_after(max(attempts.remaining(), 0.001)):
                     self._stats.requests += 1
+                    sent = self._credentials.headers()
                     response = await self._clients.pick().request(
-                        method,
-                        url,
-                        params=params,
-                        json=json_body,
-                        headers=self._credentials.headers(),
+                        method, url, params=params, json=json_body, headers=sent
                     )
                     self._stats.by_status[response.status_code] += 1
             except (httpx.TransportError, trio.TooSlowError) as exc:
@@ -118,7 +117,7 @@ class ApiClient:
                 return response
             if response.status_code == 401 and not reloaded:
                 reloaded = True
-                if self._credentials.reload():
+                if self._credentials.reload(sent):
                     log.info("%s: credentials were rejected; re-read them, trying again", self.name)
                     continue
             if response.status_code in RETRY_STATUSES:

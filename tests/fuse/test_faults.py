@@ -498,9 +498,11 @@ def test_a_rotated_token_is_read_again_after_a_401_once(mounter: Mounter, servic
             hangup(mount)  # listings are asked again: with the old token first
             assert len(os.listdir(root)) == items
         sent = api_tokens()
-        # One 401 with the old token, then the file was read again and the new one is used.
-        assert sent[0] == f"Bearer {old}" and sent.count(f"Bearer {old}") == 1, sent
-        assert sent[1:] and set(sent[1:]) == {f"Bearer {new}"}, sent
+        # The old token first (the archive's items and images listings go out together, so
+        # both may come back 401), then the file was read again and the new one is used.
+        rejected = sent.count(f"Bearer {old}")
+        assert 1 <= rejected <= 2 and set(sent[:rejected]) == {f"Bearer {old}"}, sent
+        assert sent[rejected:] and set(sent[rejected:]) == {f"Bearer {new}"}, sent
         # Read once, not on every request: a later change of the file is not seen without a
         # 401 (the service still accepts the token in use).
         token_file.write_text("not-read-again\n")

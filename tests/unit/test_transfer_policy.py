@@ -166,6 +166,48 @@ def test_a_rotated_token_file_is_read_again_once_after_a_401() -> None:
     assert seen == ["Bearer old", "Bearer new"]
 
 
+def test_requests_rejected_together_read_the_rotated_token_once_and_all_succeed() -> None:
+    """Two listings in flight when the token rotates both get a 401: the first re-reads the
+    file, the second must try again with what it read rather than fail."""
+    loads: list[str] = []
+    current = {"token": "old"}
+
+    def load() -> dict[str, str]:
+        loads.append(current["token"])
+        return {"Authorization": f"Bearer {current['token']}"}
+
+    creds = Credentials(load)
+    current["token"] = "new"
+    both_sent = trio.Event()
+    old_seen = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal old_seen
+        if request.headers["Authorization"] == "Bearer new":
+            return httpx.Response(200, json={"path": request.url.path})
+        old_seen += 1
+        if old_seen == 2:
+            both_sent.set()
+        await both_sent.wait()  # both are rejected only once both were sent
+        return httpx.Response(401, json={"detail": "Invalid token."})
+
+    client = api(handler, creds=creds)
+    answers: list[object] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for path in ("archives/", "cases/images/"):
+                nursery.start_soon(lambda p: _append(answers, client.get_json(p)), path)
+
+    trio.run(main)
+    assert sorted(a["path"] for a in answers) == ["/api/v1/archives/", "/api/v1/cases/images/"]
+    assert old_seen == 2 and loads == ["old", "new"]  # read at start, then once
+
+
+async def _append(answers: list[object], waiting) -> None:
+    answers.append(await waiting)
+
+
 async def fetch(
     storage: Storage, blob: RemoteBlob, start: int, end: int, etag: str | None = '"v1"'
 ) -> tuple[bytes, str | None]:
