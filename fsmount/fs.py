@@ -212,7 +212,7 @@ class Operations(pyfuse3.Operations):
         program sees the placeholder; a walk that only wants names never pays for a size.
         """
         if isinstance(node, File):
-            st = self._content.known(node.blob)
+            st = self._sizes.listed(node)
             if st is None:
                 return self._base_attributes(node, 0, node.mtime or 0.0, 0.0)
             return self._base_attributes(

@@ -66,6 +66,18 @@ class StatAhead:
             self._asked(node, blob)
         return st
 
+    def listed(self, node: File) -> BlobStat | None:
+        """The size if known without I/O, for a directory listing, which never waits.
+
+        A file a walk guessed, listed with its size known, is a stat the kernel will answer
+        from that listing without asking: the walk moves on here, or its window would drain
+        and the program would wait for every size again (`du` of many item folders).
+        """
+        blob = node.blob
+        if isinstance(blob, RemoteBlob):
+            self._followed(node, blob)
+        return self._content.known(blob)
+
     def _followed(self, node: File, blob: RemoteBlob) -> bool:
         """True if a walk had guessed this file (probed or not yet): it moves on by one."""
         for walk in self._walks:

@@ -220,6 +220,36 @@ def test_ls_l_of_2000_unknown_sizes_probes_ahead_in_parallel(scale_mounter: Moun
     assert took < 10, f"ls -l took {took:.1f} s"
 
 
+def test_du_of_300_item_folders_probes_ahead_across_folders(scale_mounter: Mounter):
+    """Each item folder holds one or two stored files, so guesses must run ahead across
+    folders; the kernel takes the sizes they found from the listing of the next folder."""
+    gc = scale_mounter.services.gc
+    mount = scale_mounter.start("--archive", WALKED, scenario=False)
+    root = archive_path(mount, WALKED)
+    names = sorted(os.listdir(root))[:300]
+    expected = gc.expected_archive(WALKED)
+    wanted = {p: payload.size for p, payload in expected.items() if p.split("/")[0] in names}
+    stored = sum(1 for p in wanted if not p.endswith(".json"))
+    gc.log.reset()
+    gc.api_hold = gc.storage_hold = 0.02  # one probe after the other: 900 x 40 ms and more
+    try:
+        started = time.monotonic()
+        du = subprocess.run(
+            ["du", "-sb", *(str(root / n) for n in names)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        )
+        took = time.monotonic() - started
+    finally:
+        gc.api_hold = gc.storage_hold = 0.0
+    assert sum(int(line.split()[0]) for line in du.stdout.splitlines()) == sum(wanted.values())
+    # Each asked-for size probed once; past the last folder, at most a window of guesses.
+    assert stored <= gc.log.count("storage") <= stored + 128, (stored, gc.log.counts())
+    assert took < 15, f"du -sb of 300 item folders took {took:.1f} s"
+
+
 def test_ls_l_asks_for_no_extended_attribute_of_each_file(scale_mounter: Mounter):
     gc = scale_mounter.services.gc
     mount = scale_mounter.start("--archive", WIDE, scenario=False)

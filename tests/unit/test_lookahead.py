@@ -121,3 +121,21 @@ def test_known_sizes_are_not_guessed_and_answer_at_once() -> None:
     ahead.known(files_of(items[1])[0])
     assert "item-001/b/c" not in sizes.guessed
     assert ahead.known(files_of(items[1])[1]) == BlobStat(5, 1.0)
+
+
+def test_guessed_files_listed_with_their_sizes_move_the_window_on() -> None:
+    """The kernel takes a size a listing gave and never asks for it (`du` enters a folder
+    after its guesses came back): the listing itself must count as the walk's progress."""
+    sizes = Sizes()
+    ahead = StatAhead(sizes, window=4)  # type: ignore[arg-type]
+    items = archive(10)
+    ahead.known(files_of(items[0])[1])
+    ahead.known(files_of(items[1])[0])
+    assert len(sizes.guessed) == 4  # item-001/b/c .. item-003/a
+    for key in sizes.guessed:
+        sizes.sizes[key] = BlobStat(5, 1.0)
+    for file in files_of(items[1])[1:] + files_of(items[2]):  # listed, sizes known: no
+        assert ahead.listed(file) == BlobStat(5, 1.0)  # stat will come for them
+    assert sizes.guessed[4:] == ["item-003/b/c", "item-004/a", "item-004/b/c"]
+    assert ahead.listed(files_of(items[9])[0]) is None  # not guessed: nothing moves
+    assert len(sizes.guessed) == 7
