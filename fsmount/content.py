@@ -33,12 +33,13 @@ _SAVE_BATCH = 256  # probe results written to the metadata store in one transact
 class _Probe:
     """One size probe in flight: who waits on it, and how it failed (for them alone)."""
 
-    __slots__ = ("done", "failure", "started")
+    __slots__ = ("done", "failure", "scope", "started")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.failure: FetchError | None = None
         self.started = False  # a guess waits for a slot before it starts
+        self.scope = trio.CancelScope()  # cancelled when the mount closes
 
 
 class Content:
@@ -66,6 +67,14 @@ class Content:
         # Probes nobody waits for yet take at most this many of the slots above, so a
         # program's own stat never queues behind a whole window of guesses.
         self._guesses = trio.CapacityLimiter(min(speculative, parallel))
+        self._closed = False
+
+    def close(self) -> None:
+        """The mount is closing: probes still running (guesses, mostly) stop now, before the
+        clients they use are closed under them."""
+        self._closed = True
+        for probe in self._probing.values():
+            probe.scope.cancel()
 
     def known(self, blob: Blob) -> BlobStat | None:
         """The size and time if known without any I/O (memory, or what the API gave); a
@@ -138,15 +147,21 @@ class Content:
     async def _probe(self, blob: RemoteBlob, probe: _Probe) -> None:
         """One size probe, as a task of its own: it must never raise (it would end the mount)."""
         try:
-            async with self._limit:
-                if blob.whole_fetch:
-                    st = await self._fetched_whole(blob)
-                else:
-                    st = await self._storage.probe(blob)
-            if blob.mtime is not None:  # the service's own time beats the storage's
-                st = BlobStat(st.size, blob.mtime, st.etag)
-            self._stats[_identity(blob)] = st
-            self._unsaved[_meta_key(blob)] = {"size": st.size, "mtime": st.mtime, "etag": st.etag}
+            with probe.scope:
+                if self._closed:
+                    probe.scope.cancel()
+                async with self._limit:
+                    if blob.whole_fetch:
+                        st = await self._fetched_whole(blob)
+                    else:
+                        st = await self._storage.probe(blob)
+                if blob.mtime is not None:  # the service's own time beats the storage's
+                    st = BlobStat(st.size, blob.mtime, st.etag)
+                self._stats[_identity(blob)] = st
+                meta = {"size": st.size, "mtime": st.mtime, "etag": st.etag}
+                self._unsaved[_meta_key(blob)] = meta
+            if probe.scope.cancelled_caught:
+                probe.failure = FetchError.eio(f"{blob.description}: the mount is closing")
         except FetchError as exc:
             probe.failure = exc
             log.warning("size of %s: %s", blob.description, exc)

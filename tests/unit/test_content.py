@@ -101,3 +101,52 @@ def test_failed_probes_leave_nothing_behind(tmp_path: Path) -> None:
     finally:
         logging.disable(logging.NOTSET)
     assert grown < 512 * 1024, f"{grown} bytes kept after 2,500 failed probes"
+
+
+def test_closing_stops_probes_in_flight_before_their_clients_close(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guesses run on their own; at unmount they must end quietly, not fail against closed
+    clients and log an error each (or keep the mount from exiting)."""
+    started = 0
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        nonlocal started
+        started += 1
+        await trio.sleep(60)
+        raise AssertionError("a probe outlived the mount")
+
+    async def main() -> list[FetchError | None]:
+        storage = Storage(
+            HttpPolicy(deadline=90.0), TransferStats(), transport=httpx.MockTransport(slow)
+        )
+        async with BlockStore(tmp_path / "blocks", budget=1 << 30, min_free=0, readahead=0) as bs:
+            with MetadataStore(tmp_path / "meta.sqlite") as meta:
+                content = Content(storage, bs, meta, parallel=4, speculative=2)
+                blobs = [RemoteBlob(f"b{n}", resolve, f"b{n}") for n in range(6)]
+                for blob in blobs[1:]:
+                    content.guess(blob)
+                failures: list[FetchError | None] = []
+
+                async def asked() -> None:
+                    try:
+                        await content.stat(blobs[0])
+                    except FetchError as exc:
+                        failures.append(exc)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(asked)
+                    while started < 3:  # the asked one and two guesses; three guesses queue
+                        await trio.sleep(0.01)
+                    content.close()
+                await storage.aclose()
+                with trio.fail_after(5):
+                    while content._probing:  # every probe ended
+                        await trio.sleep(0.01)
+        return failures
+
+    with caplog.at_level(logging.WARNING):
+        failures = trio.run(main)
+    assert [f.errno for f in failures if f] == [errno.EIO] and "closing" in str(failures[0])
+    assert started == 3
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
