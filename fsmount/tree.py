@@ -50,10 +50,8 @@ class TreeContext:
     loading: dict[Directory, trio.Event] = field(default_factory=dict)
 
     def invalidate_all(self) -> None:
-        """Drop every cached listing (SIGHUP): the next look at a directory asks the service.
-
-        A counter, not a list of directories: nothing here keeps a directory alive.
-        """
+        """SIGHUP: every listing is asked for again before use (a counter, not a list of
+        directories: nothing here keeps a directory alive)."""
         self.generation += 1
 
 
@@ -253,8 +251,12 @@ class ListedDirectory(Directory):
     """A directory listed by `loader` on first use and kept for the listing TTL (or until
     SIGHUP).
 
-    A failed refresh keeps serving the last good listing (a service outage must not empty a
-    directory the user could already see); a failed first listing raises to the reader.
+    Once the TTL is up, the listing in hand is still served while a new one is asked for
+    behind it: a walk of 100,000 items outlives any TTL, and must not stop while 100 pages
+    come again. After SIGHUP (the user asked for what is there now) readers wait for the
+    new listing. A failed refresh keeps serving the last good listing (a service outage must
+    not empty a directory the user could already see); a failed first listing raises to the
+    reader.
     """
 
     __slots__ = ("_ctx", "_fresh_until", "_generation", "_loader")
@@ -282,15 +284,23 @@ class ListedDirectory(Directory):
     async def children(self) -> Listing:
         while (listing := self.fresh()) is None:
             loading = self._ctx.loading.get(self)
-            if loading is None:
-                return await self._load()
+            stale = self._listing if self._generation == self._ctx.generation else None
+            if loading is None:  # the first listing, or one after SIGHUP, or the TTL is up
+                self._ctx.loading[self] = trio.Event()
+                if stale is None:
+                    return await self._load()
+                trio.lowlevel.spawn_system_task(self._load)  # behind the stale one
+            if stale is not None:
+                return stale
             await loading.wait()
             if self._listing is not None:
                 return self._listing
         return listing
 
     async def _load(self) -> Listing:
-        self._ctx.loading[self] = done = trio.Event()
+        """Adopt the loader's listing; raises only with no listing to fall back on (so never
+        as a refresh behind readers, a task of its own). The caller set `ctx.loading`."""
+        done = self._ctx.loading[self]
         generation = self._ctx.generation
         try:
             listing = self._adopt(list(await self._loader(self)), self._ctx)
@@ -310,8 +320,7 @@ class ListedDirectory(Directory):
 
 
 def _undated(nodes: Iterable[Node]) -> Iterable[Node]:
-    """Nodes without a time, looking into given (static) directories too: those are built
-    before they are attached, when their paths are not known yet."""
+    """Nodes without a time, in static directories too (built before their paths exist)."""
     for node in nodes:
         if node.mtime is None:
             yield node
@@ -333,11 +342,8 @@ def safe_name(name: str, fallback: str) -> str:
 
 
 def unique_names(entries: list[tuple[str, str]]) -> list[str]:
-    """Names for (safe name, id) pairs: every member of a clash becomes `<name> (<id>)`.
-
-    Repeated until nothing clashes, since a renamed entry can meet a name that was already
-    taken (an entry literally called `a (x)`); with distinct ids this ends.
-    """
+    """Names for (safe name, id) pairs: every member of a clash becomes `<name> (<id>)`,
+    until nothing clashes (a renamed entry can meet a name taken already: `a (x)`)."""
     names = [name for name, _ in entries]
     for _ in range(len(names) + 1):
         counts: dict[str, int] = {}
@@ -363,17 +369,13 @@ def is_normal_relative_path(path: str) -> bool:
 
 
 def split_relative_path(path: str) -> tuple[str, ...] | None:
-    """The parts of `path` if it is already normal (see `is_normal_relative_path`), else None.
-
-    Sources split each socket's path once and hand the same parts (the same strings) to every
-    item, rather than one copy of `images`, `ct`... per item.
-    """
+    """The parts of `path` if it is normal, else None: sources split a socket's path once
+    and give every item the same strings, not one copy of `images`, `ct`... per item."""
     return tuple(path.split("/")) if is_normal_relative_path(path) else None
 
 
 class PlacedDirectory(Directory):
-    """A directory made of a relative path inside a base directory (an item's `files/`):
-    it says where it is, as its base does, computed when asked."""
+    """A directory of a relative path in a base directory (an item's `files/`)."""
 
     __slots__ = ("_base",)
 
@@ -407,9 +409,8 @@ Parts = str | Sequence[str] | None  # a relative path, or its parts as `split_re
 class PathBuilder:
     """Places values at relative paths under one directory; the first claim of a path wins.
 
-    Anything not in normal form, or colliding with an earlier value (the same path, or a file
-    where a directory is needed), is logged and left out; the rest still shows. `what` says
-    which value it is, in those logs (anything with a `str`).
+    A path not in normal form, or colliding with an earlier value (the same path, or a file
+    where a directory is needed), is logged (naming `what`) and left out; the rest shows.
     """
 
     def __init__(self, base: Directory) -> None:

@@ -148,6 +148,13 @@ class GrandChallenge:
         for slug in self._only or [None]:
             params = {"slug": slug} if slug else {}
             archives.update(await self.listing("archives/", params, keep))
+        # An archive still there keeps its directory, and with it the listing of its items
+        # (which has a TTL of its own): a refresh of this list costs no archive a new listing.
+        before = {
+            (node._pk, node.name): node
+            for node in (parent.cached() or Listing([])).nodes
+            if isinstance(node, ArchiveDirectory)
+        }
         nodes: list[Node] = []
         for pk, archive in archives.items():
             try:
@@ -157,7 +164,10 @@ class GrandChallenge:
                 continue
             name = safe_name(slug, pk)
             xattrs = {"archive": name, "archive-pk": pk, "title": str(archive.get("title", ""))}
-            nodes.append(ArchiveDirectory(name, self, pk, xattrs))
+            kept = before.get((pk, name))
+            if kept is None or kept.xattrs() != xattrs:  # new, or its title changed
+                kept = ArchiveDirectory(name, self, pk, xattrs)
+            nodes.append(kept)
         return nodes
 
     async def item_alone(self, pk: str, archive_pk: str) -> Item | None:

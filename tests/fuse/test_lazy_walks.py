@@ -26,7 +26,7 @@ from fsmount.demo.services import DemoServices, start_demo_services
 
 pytestmark = pytest.mark.fuse
 
-WALKED, SMALL, WIDE = "scale-walked", "scale-small", "scale-wide"
+WALKED, SMALL, WIDE, GROWING = "scale-walked", "scale-small", "scale-wide", "scale-growing"
 WALKED_ITEMS, SMALL_ITEMS, WIDE_FILES = 2_500, 40, 2_000
 NO_FILE_REQUESTS = ("item", "image", "media", "storage")
 
@@ -40,6 +40,7 @@ def scaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoServices]:
         data.add_archive(scale_archive(data.builder, WALKED, WALKED_ITEMS))
         data.add_archive(scale_archive(data.builder, SMALL, SMALL_ITEMS))
         data.add_archive(scale_archive(data.builder, WIDE, 1, wide=WIDE_FILES))
+        data.add_archive(scale_archive(data.builder, GROWING, 5))
         yield running
 
 
@@ -342,6 +343,34 @@ def test_a_refresh_keeps_inodes_and_lists_again(scale_mounter: Mounter) -> None:
     assert sorted(os.listdir(root))[0] == first
     assert gc.log.count("items") == 1
     assert os.stat(root / first).st_ino == inode
+
+
+def test_when_the_listing_time_is_up_a_walk_goes_on_while_listings_come_again(
+    scale_mounter: Mounter,
+) -> None:
+    """A walk of 100,000 items outlives any listing time: once it is up, the last listings
+    are served at once while new ones are asked for behind them (SIGHUP still waits)."""
+    gc = scale_mounter.services.gc
+    mount = scale_mounter.start("--archive", GROWING, "--dir-cache-time", "1", scenario=False)
+    root = archive_path(mount, GROWING)
+    before = sorted(os.listdir(root))
+    added = gc.data.add_item(GROWING)
+    time.sleep(1.2)  # the listing time (1 s) is up
+    gc.log.reset()
+    gc.api_hold = 5.0  # a slow service: every listing now takes 5 s
+    try:
+        started = time.monotonic()
+        assert os.listdir(root.parent) == [GROWING]
+        assert sorted(os.listdir(root)) == before
+        assert os.stat(root / before[0]).st_mode
+        took = time.monotonic() - started
+    finally:
+        gc.api_hold = 0.0
+    assert took < 4, f"the walk waited {took:.1f} s for listings"
+    wait_for(lambda: added in os.listdir(root), 20, "the new item in the new listing")
+    # The archive's directory was kept across the refresh of the archives: no item of it
+    # was looked up alone, and the listing that came behind was used.
+    assert gc.log.count("item") == 0, gc.log.counts()
 
 
 def test_a_walk_beyond_the_entry_budget_stays_exact_and_bounded(scale_mounter: Mounter):
