@@ -184,7 +184,8 @@ OPTIONS: tuple[Option, ...] = (
         "FSMOUNT_DIR_CACHE_TIME",
         300.0,
         parse_seconds,
-        "seconds a directory listing is kept before the service is asked again",
+        "seconds a directory listing is used before it is asked for again (behind readers,"
+        " who get the last one meanwhile; SIGHUP makes them wait for the new one)",
         metavar="SECONDS",
     ),
     Option(
