@@ -37,6 +37,10 @@ class Floor(pyfuse3.Operations):
     def __init__(self, items: int) -> None:
         super().__init__()
         self.items = items
+        # The archive's entries, built once: rebuilt per request, they made each readdir and
+        # lookup of the archive cost 100,000 steps, and the floor itself quadratic.
+        self._archive = [(f"item-{n:06d}", 2 + n * PER_ITEM, True) for n in range(items)]
+        self._archive_index = {name.encode(): (inode, d) for name, inode, d in self._archive}
 
     def _attributes(self, inode: int, directory: bool) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
@@ -49,7 +53,7 @@ class Floor(pyfuse3.Operations):
 
     def _children(self, inode: int) -> list[tuple[str, int, bool]]:
         if inode == pyfuse3.ROOT_INODE:
-            return [(f"item-{n:06d}", 2 + n * PER_ITEM, True) for n in range(self.items)]
+            return self._archive
         item, offset = divmod(inode - 2, PER_ITEM)
         parent = offset - 1  # -1: the item directory itself
         base = 2 + item * PER_ITEM
@@ -67,6 +71,10 @@ class Floor(pyfuse3.Operations):
     async def lookup(
         self, parent: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if parent == pyfuse3.ROOT_INODE:
+            if name not in self._archive_index:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attributes(*self._archive_index[name])
         for child, inode, directory in self._children(parent):
             if child.encode() == name:
                 return self._attributes(inode, directory)
