@@ -31,13 +31,15 @@ _SAVE_BATCH = 256  # probe results written to the metadata store in one transact
 
 
 class _Probe:
-    """One size probe in flight: who waits on it, and how it failed (for them alone)."""
+    """One size probe in flight: who waits on it, what it found, or how it failed (for them
+    alone)."""
 
-    __slots__ = ("done", "failure", "scope", "started")
+    __slots__ = ("done", "failure", "found", "scope", "started")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.failure: FetchError | None = None
+        self.found: BlobStat | None = None
         self.started = False  # a guess waits for a slot before it starts
         self.scope = trio.CancelScope()  # cancelled when the mount closes
 
@@ -69,12 +71,16 @@ class Content:
         self._guesses = trio.CapacityLimiter(min(speculative, parallel))
         self._closed = False
 
-    def close(self) -> None:
-        """The mount is closing: probes still running (guesses, mostly) stop now, before the
-        clients they use are closed under them."""
+    async def aclose(self) -> None:
+        """The mount is closing: probes still running (guesses, mostly) stop, and are waited
+        for, before the clients they use close. A probe woken just before would otherwise run
+        on, without a checkpoint, into a closed client."""
         self._closed = True
         for probe in self._probing.values():
             probe.scope.cancel()
+        with trio.move_on_after(5):
+            while self._probing:
+                await next(iter(self._probing.values())).done.wait()
 
     def known(self, blob: Blob) -> BlobStat | None:
         """The size and time if known without any I/O (memory, or what the API gave); a
@@ -108,6 +114,7 @@ class Content:
             return BlobStat(len(blob.data), 0.0)
         if isinstance(blob, RenderedBlob):
             return BlobStat(len(blob.render()), 0.0)
+        found: BlobStat | None = None
         for _ in range(2):  # a size forgotten as its probe ended (the file changed): again
             known = self.recalled(blob)
             if known is not None:
@@ -116,10 +123,11 @@ class Content:
             await probe.done.wait()
             if probe.failure is not None:
                 raise probe.failure
-        known = self.recalled(blob)
-        if known is None:
-            raise FetchError(errno.EIO, f"{blob.description}: changed while its size was asked")
-        return known
+            found = probe.found
+        # Forgotten again (readers of the old version keep finding it changed): the last
+        # probe's answer is the newest there is.
+        assert found is not None
+        return found
 
     def guess(self, blob: RemoteBlob) -> None:
         """Probe a size no program asked for yet but one probably will (a walk ahead): it
@@ -157,7 +165,7 @@ class Content:
                         st = await self._storage.probe(blob)
                 if blob.mtime is not None:  # the service's own time beats the storage's
                     st = BlobStat(st.size, blob.mtime, st.etag)
-                self._stats[_identity(blob)] = st
+                self._stats[_identity(blob)] = probe.found = st
                 meta = {"size": st.size, "mtime": st.mtime, "etag": st.etag}
                 self._unsaved[_meta_key(blob)] = meta
             if probe.scope.cancelled_caught:

@@ -198,7 +198,7 @@ async def serve(
                 "", ctx, children=services, xattrs={"services": names}, mtime=root_time
             )
             content = Content(storage, blocks, metadata)
-            stack.callback(content.close)  # before the clients its probes use are closed
+            stack.push_async_callback(content.aclose)  # before the clients its probes use
             ops = Operations(
                 root,
                 content,

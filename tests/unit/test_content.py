@@ -138,11 +138,9 @@ def test_closing_stops_probes_in_flight_before_their_clients_close(
                     nursery.start_soon(asked)
                     while started < 3:  # the asked one and two guesses; three guesses queue
                         await trio.sleep(0.01)
-                    content.close()
+                    with trio.fail_after(5):
+                        await content.aclose()  # every probe ended
                 await storage.aclose()
-                with trio.fail_after(5):
-                    while content._probing:  # every probe ended
-                        await trio.sleep(0.01)
         return failures
 
     with caplog.at_level(logging.WARNING):
